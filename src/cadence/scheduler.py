@@ -1,0 +1,77 @@
+"""``StepScheduler``: the torch adapter that applies a :class:`~cadence.plan.Timeline`, per batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from cadence.plan import Timeline
+
+
+class StepScheduler(LRScheduler):
+    """Sets LR -- and momentum, or Adam's beta1, when the schedule cycles it -- in every param group
+    for each optimizer step, exactly as the timeline lists them.
+
+    Each group keeps its own base in ``group['initial_lr']`` and gets
+    ``timeline.lr[step] * initial_lr / timeline.base_lr``, so groups with their own LR multipliers
+    keep them. Call ``step()`` after ``optimizer.step()``, once per batch, as with any torch
+    scheduler; ``last_epoch`` counts optimizer steps. Past the end of the timeline, the last
+    values hold. ``state_dict()`` holds the position, not the timeline (rebuild that from the recipe).
+
+    Works in any loop::
+
+        timeline = recipe.timeline(train_samples=len(dataset))
+        sched = StepScheduler(optimizer, timeline)
+        for x, y in loader:
+            loss_fn(model(x), y).backward(); optimizer.step(); optimizer.zero_grad(); sched.step()
+    """
+
+    def __init__(self, optimizer: Optimizer, timeline: Timeline, last_epoch: int = -1):
+        if len(timeline) == 0:
+            raise ValueError("the timeline has no steps")
+        self.timeline = timeline
+        super().__init__(optimizer, last_epoch)
+
+    def _index(self) -> int:
+        return min(max(self.last_epoch, 0), len(self.timeline) - 1)
+
+    def get_lr(self) -> list[float]:
+        lr = self.timeline.lr[self._index()]
+        base = self.timeline.base_lr
+        return [lr if g["initial_lr"] == base else lr * g["initial_lr"] / base
+                for g in self.optimizer.param_groups]
+
+    def step(self, epoch: int | None = None) -> None:
+        super().step(epoch)
+        if self.timeline.cycles_momentum:
+            set_momentum(self.optimizer, self.timeline.momentum[self._index()])
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.pop("timeline", None)
+        state["timeline_steps"] = len(self.timeline)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        steps = state.pop("timeline_steps", len(self.timeline))
+        if steps != len(self.timeline):
+            raise ValueError(f"the saved scheduler ran a {steps}-step timeline; this one has "
+                             f"{len(self.timeline)} steps")
+        super().load_state_dict(state)
+
+
+def set_momentum(optimizer: Optimizer, momentum: float) -> None:
+    """SGD/RMSprop ``momentum`` or Adam-family ``betas[0]`` in every param group."""
+    for group in optimizer.param_groups:
+        if "betas" in group:
+            group["betas"] = (momentum, group["betas"][1])
+        elif "momentum" in group:
+            group["momentum"] = momentum
+
+
+def get_momentum(optimizer: Optimizer, group: int = 0) -> float:
+    g = optimizer.param_groups[group]
+    return g["betas"][0] if "betas" in g else g.get("momentum", 0.0)
