@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from cadence.errors import FieldError
@@ -35,6 +36,96 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _resolve_recipe(args):
+    """The recipe to train: RECIPE (+ --set), or, when resuming, the run's own recipe.yaml.
+    A resumed run must be given the recipe it started with."""
+    import os
+    from cadence.recipe import load_recipe
+
+    if args.resume:
+        saved = os.path.join(args.resume, "recipe.yaml")
+        if not os.path.exists(os.path.join(args.resume, "checkpoints", "last.pt")):
+            raise FieldError("--resume", args.resume, "holds no checkpoints/last.pt to resume from")
+        run_recipe = load_recipe(saved)
+        if args.recipe is None and not args.sets:
+            return run_recipe, saved
+        recipe = load_recipe(args.recipe or saved, args.sets)
+        if recipe.raw != run_recipe.raw:
+            key = _first_difference(run_recipe.raw, recipe.raw)
+            raise FieldError(key, args.recipe, f"differs from the run's recipe ({saved}); "
+                             "resume with the same recipe and --set overrides", file=args.recipe)
+        return recipe, args.recipe or saved
+    if args.recipe is None:
+        raise FieldError("RECIPE", None, "give a recipe file (or --resume RUN_DIR)")
+    return load_recipe(args.recipe, args.sets), args.recipe
+
+
+def _first_difference(a, b, path: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return _first_difference(x, y, f"{path}.{i}")
+    return path or "(top level)"
+
+
+def cmd_train(args) -> int:
+    from cadence import train
+
+    recipe, recipe_file = _resolve_recipe(args)
+    setup = train.prepare(recipe, recipe_file)
+    run_dir = args.resume or args.out or train.default_run_dir(recipe)
+    if not args.resume and os.path.exists(os.path.join(run_dir, "checkpoints", "last.pt")):
+        raise FieldError("--out", run_dir, "already holds a run (use --resume to continue it)")
+    print(f"{recipe.name}: {len(setup.timeline):,} steps over {len(recipe.stages)} stage(s) on "
+          f"{setup.device}; run directory {run_dir}", file=sys.stderr)
+    trainer, final = train.train(setup, run_dir, resume=bool(args.resume), stop_at=args.max_steps,
+                                 progress=not args.quiet)
+    if final is None:
+        print(f"stopped after step {trainer.step:,} of {len(setup.timeline):,}; continue with: "
+              f"cadence train --resume {run_dir}")
+        return 0
+    print(_result_line(final, trainer.elapsed))
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _result_line(result: dict, elapsed: float | None = None) -> str:
+    line = f"held-out top-1 {100 * result['val_top1']:.2f}%"
+    if "val_top5" in result:
+        line += f", top-5 {100 * result['val_top5']:.2f}%"
+    line += f" at {result['resolution']}px (loss {result['val_loss']:.4f})"
+    if elapsed is not None:
+        line += f" after {elapsed:.1f} s of training"
+    return line
+
+
+def cmd_eval(args) -> int:
+    from cadence import train
+    from cadence.recipe import load_recipe
+
+    if not os.path.exists(os.path.join(args.run_dir, "checkpoints", "last.pt")):
+        raise FieldError("RUN_DIR", args.run_dir, "holds no checkpoints/last.pt")
+    recipe_file = os.path.join(args.run_dir, "recipe.yaml")
+    setup = train.prepare(load_recipe(recipe_file, args.sets), recipe_file)
+    trainer = train.Trainer.resume(setup, args.run_dir)
+    result = trainer.evaluate(args.resolution)
+    print(_result_line(result) + f" (checkpoint at step {trainer.step:,})")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from cadence import report
+
+    if not os.path.exists(os.path.join(args.run_dir, "metrics.jsonl")):
+        raise FieldError("RUN_DIR", args.run_dir, "holds no metrics.jsonl")
+    print(f"wrote {report.write_run_report(args.run_dir)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cadence", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +136,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write the plan figure (PNG) here")
     p.add_argument("--world-size", type=int, default=1, help="ranks the global batch is split over")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("train", help="train a recipe (under torchrun: DDP, batch_size = global batch)")
+    p.add_argument("recipe", nargs="?", help="recipe YAML file (optional with --resume)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. --set data.root=/data/imagenet (repeatable)")
+    p.add_argument("--out", help="run directory (default: runs/<name>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run exactly where it stopped")
+    p.add_argument("--max-steps", type=int, help="stop (resumably) after this many optimizer steps in all")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run's last checkpoint, at any resolution")
+    p.add_argument("run_dir")
+    p.add_argument("--resolution", type=int, help="evaluation resolution in px (default: the recipe's)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the run's recipe, e.g. --set data.root=...")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="redraw a run's curves.png and report.html")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

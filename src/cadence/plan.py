@@ -117,7 +117,10 @@ def layout(stages: list[Stage], train_samples: int, *, world_size: int = 1,
     for k, st in enumerate(stages):
         t.stage_starts.append(len(t))
         n = epoch_samples(train_samples, st.data_fraction)
-        sizes = epoch_batches(n, st.batch_size, world_size, drop_last)
+        try:
+            sizes = epoch_batches(n, st.batch_size, world_size, drop_last)
+        except ScheduleError as e:
+            raise e.within(f"stages.{k}") from None
         if not sizes:
             raise ScheduleError(f"stages.{k}.batch_size", st.batch_size,
                                 f"{n} images per epoch make no full batch on {world_size} rank(s)")

@@ -37,7 +37,7 @@ class DataConfig:
     source: Literal["digits", "synthetic", "cifar10", "imagefolder"] = "digits"
     root: str | None = None  # cifar10: download/cache dir or ImageFolder of JPEGs; imagefolder: train/ + val/
     train_samples: int | None = None  # images in the training set, if known without reading it
-    val_split: str = "val"  # imagefolder/cifar10 folder holding the held-out images
+    val_split: str | None = None  # folder of held-out images (default: val/ for imagefolder, test/ for cifar10)
     val_fraction: float = 0.2  # digits: share of the 1,797 images held out
     samples: int = 2048  # synthetic: training images
     val_samples: int = 512  # synthetic: held-out images
@@ -337,14 +337,17 @@ def recipe_from_dict(raw: dict, file: str | None = None) -> Recipe:
 def load_recipe(path: str, sets: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe file."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)
     except OSError as e:
         raise FieldError("(file)", path, f"cannot read: {e.strerror}", file=path) from None
+    except UnicodeDecodeError as e:
+        raise FieldError("(file)", path, f"is not UTF-8 text (byte {e.start}: {e.reason})", file=path) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "(file)"
-        raise FieldError(where, path, f"is not valid YAML: {getattr(e, 'problem', e)}", file=path) from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())  # one line, always
+        raise FieldError(where, path, f"is not valid YAML: {problem}", file=path) from None
     try:
         raw = apply_overrides(raw if raw is not None else {}, list(sets))
     except FieldError as e:

@@ -98,3 +98,108 @@ def plan_table(timeline: Timeline) -> str:
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     fmt = lambda row: "  ".join(c.rjust(w) for c, w in zip(row, widths))  # noqa: E731
     return "\n".join([fmt(lines[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in lines[1:]])
+
+
+# ---------------------------------------------------------------------------------------------
+# After training: curves and the HTML report
+
+
+def _ema(values: list[float], beta: float = 0.9) -> list[float]:
+    """Bias-corrected exponential moving average."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta ** i))
+    return out
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
+    """Training loss, held-out top-1 and LR against optimizer steps (left) and wall time (right),
+    with stage boundaries dashed."""
+    train = [r for r in rows if "loss" in r and "val_top1" not in r]
+    evals = [r for r in rows if "val_top1" in r]
+    starts = [r for i, r in enumerate(train) if i == 0 or r["stage"] != train[i - 1]["stage"]]
+    fig, axes = plt.subplots(3, 2, figsize=(12, 8), sharex="col", constrained_layout=True)
+    for c, key in enumerate(("step", "time")):
+        ax = axes[0][c]
+        xs = [r[key] for r in train]
+        losses = [r["loss"] for r in train]
+        ax.plot(xs, losses, color="C0", alpha=0.25, linewidth=0.8, label="per step")
+        ax.plot(xs, _ema(losses), color="C0", linewidth=1.5, label="smoothed")
+        ax.set_ylabel("training loss")
+        ax.legend(loc="upper right", fontsize=8)
+        ax = axes[1][c]
+        ax.plot([r[key] for r in evals], [100 * r["val_top1"] for r in evals], "o-", color="C2", label="top-1")
+        if any("val_top5" in r for r in evals):
+            ax.plot([r[key] for r in evals], [100 * r.get("val_top5", float("nan")) for r in evals], "s--",
+                    color="C1", label="top-5")
+        ax.set_ylabel("held-out accuracy (%)")
+        ax.legend(loc="lower right", fontsize=8)
+        ax = axes[2][c]
+        ax.plot(xs, [r["lr"] for r in train], color="C3")
+        if _wide_range([r["lr"] for r in train]):
+            ax.set_yscale("log")
+        ax.set_ylabel("LR")
+        for i, row in enumerate(axes):
+            _mark_stages(row[c], [r[key] for r in starts],
+                         [f"S{r['stage']}: {r.get('resolution', '')}px" for r in starts], top=i == 0)
+            row[c].grid(alpha=0.3)
+    axes[-1][0].set_xlabel("optimizer step")
+    axes[-1][1].set_xlabel("training wall time (s)")
+    fig.suptitle(title or "training curves")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _img_tag(path: str) -> str:
+    if not os.path.exists(path):
+        return ""
+    with open(path, "rb") as f:
+        data = base64.b64encode(f.read()).decode()
+    return f'<img src="data:image/png;base64,{data}" style="max-width:100%">'
+
+
+def write_run_report(run_dir: str) -> str:
+    """``curves.png`` and a self-contained ``report.html`` (plan, curves, final numbers, recipe)."""
+    import yaml
+
+    rows = _read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    with open(os.path.join(run_dir, "recipe.yaml")) as f:
+        recipe_text = f.read()
+    name = (yaml.safe_load(recipe_text) or {}).get("name", os.path.basename(run_dir))
+    plot_curves(rows, os.path.join(run_dir, "curves.png"), title=name)
+    evals = [r for r in rows if "val_top1" in r]
+    train = [r for r in rows if "val_top1" not in r]
+    facts = []
+    if evals:
+        last = evals[-1]
+        facts.append(("held-out top-1", f"{100 * last['val_top1']:.2f}% at {last.get('resolution', '?')}px"))
+        if "val_top5" in last:
+            facts.append(("held-out top-5", f"{100 * last['val_top5']:.2f}%"))
+        facts.append(("held-out loss", f"{last['val_loss']:.4f}"))
+    if train:
+        facts += [("optimizer steps", f"{train[-1]['step'] + 1:,}"),
+                  ("images seen", f"{train[-1]['samples_seen']:,}"),
+                  ("training time", f"{train[-1]['time']:.1f} s")]
+    table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in facts)
+    evals_table = "".join(
+        f"<tr><td>{r['step']}</td><td>{r['stage']}</td><td>{r['epoch']}</td>"
+        f"<td>{100 * r['val_top1']:.2f}</td><td>{r['val_loss']:.4f}</td></tr>" for r in evals)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(name)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}th{{text-align:left;padding-right:2em}}
+td{{padding-right:2em}}pre{{background:#f4f4f4;padding:1em}}</style></head><body>
+<h1>{html.escape(name)}</h1><table>{table}</table>
+<h2>Plan</h2>{_img_tag(os.path.join(run_dir, "plan.png"))}
+<h2>Training curves</h2>{_img_tag(os.path.join(run_dir, "curves.png"))}
+<h2>Evaluations</h2><table><tr><th>step</th><th>stage</th><th>epoch</th><th>top-1 %</th><th>loss</th></tr>
+{evals_table}</table>
+<h2>Recipe</h2><pre>{html.escape(recipe_text)}</pre></body></html>"""
+    path = os.path.join(run_dir, "report.html")
+    with open(path, "w") as f:
+        f.write(page)
+    return path

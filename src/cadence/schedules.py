@@ -385,7 +385,7 @@ class OneCycle(ScheduleSpec):
         initial = 1.0 / self.div_factor
         final = initial / self.final_div_factor
         hi_m, lo_m = self.momentum if self.momentum else (None, None)
-        e1 = self.pct_start * length - step
+        e1 = self.pct_start * length
         if self.three_phase:
             phases = [(e1, initial, 1.0, hi_m, lo_m),
                       (2 * self.pct_start * length - 2 * step, 1.0, initial, lo_m, hi_m),
@@ -536,6 +536,8 @@ class Sequence(ScheduleSpec):
             sub0 = span.sub(offset, span.length - offset)
             if piece.duration is None:
                 length = span.length - offset
+            elif piece.duration.unit == "fraction":  # a fraction of the whole sequence, not of what is left
+                length = span.measure(piece.duration, f"{here}.duration")
             else:
                 length = sub0.measure(piece.duration, f"{here}.duration")
             if length <= 0 or offset + length > span.length * (1 + 1e-9):

@@ -1,0 +1,92 @@
+"""Models: torchvision's ResNets, a CIFAR ResNet-18 and a small fast net; parameter groups."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torchvision
+
+from cadence.errors import FieldError
+from cadence.recipe import ModelConfig, OptimizerConfig
+
+
+def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU()]
+
+
+class FastNet(nn.Module):
+    """A small airbench-style net (conv-BN-GELU, three pooled blocks, global max pool) that trains
+    in minutes on a CPU and works at any input resolution."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 64):
+        super().__init__()
+        w = [width, 2 * width, 4 * width]
+        layers = _conv_bn(in_channels, w[0] // 2)
+        cin = w[0] // 2
+        for c in w:
+            layers += _conv_bn(cin, c)[:1] + [nn.MaxPool2d(2, ceil_mode=True)] + _conv_bn(c, c)[1:] \
+                + _conv_bn(c, c)
+            cin = c
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(cin, num_classes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        return self.head(torch.amax(x, dim=(2, 3)))
+
+
+def _resnet(name: str):
+    def build(cfg: ModelConfig, num_classes: int, in_channels: int) -> nn.Module:
+        m = getattr(torchvision.models, name)(weights=None, num_classes=num_classes,
+                                              zero_init_residual=cfg.zero_init_residual)
+        if in_channels != 3:
+            m.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        return m
+    return build
+
+
+def _cifar_resnet18(cfg: ModelConfig, num_classes: int, in_channels: int) -> nn.Module:
+    """ResNet-18 with a 3x3 stride-1 stem and no max pool, the usual choice for 32 px images."""
+    m = torchvision.models.resnet18(weights=None, num_classes=num_classes,
+                                    zero_init_residual=cfg.zero_init_residual)
+    m.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+    m.maxpool = nn.Identity()
+    return m
+
+
+ARCHS = {
+    "fastnet": lambda cfg, n, c: FastNet(n, c, cfg.width),
+    "cifar_resnet18": _cifar_resnet18,
+    **{name: _resnet(name) for name in ("resnet18", "resnet34", "resnet50", "resnet101")},
+}
+
+
+def check_arch(cfg: ModelConfig) -> None:
+    if cfg.arch not in ARCHS:
+        raise FieldError("model.arch", cfg.arch, "no such model (have: " + ", ".join(ARCHS) + ")")
+
+
+def build_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """The recipe's model; ``model.num_classes``, if given, must match the data."""
+    check_arch(cfg)
+    if cfg.num_classes is not None and cfg.num_classes != num_classes:
+        raise FieldError("model.num_classes", cfg.num_classes, f"but the data has {num_classes} classes")
+    return ARCHS[cfg.arch](cfg, num_classes, in_channels)
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool = False) -> list[dict]:
+    """Weight decay on weights only: norm scales/shifts and biases (1-d parameters) get none."""
+    if decay_norm_and_bias:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2))

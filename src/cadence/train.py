@@ -1,0 +1,294 @@
+"""The training loop: stages in order, one ``train_step``, per-batch schedule, exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from cadence import checkpoint, data, models
+from cadence.errors import FieldError
+from cadence.plan import Timeline, epoch_samples
+from cadence.recipe import Recipe, dump_recipe
+from cadence.scheduler import StepScheduler, get_momentum
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FieldError("train.device", name, "no CUDA device is available here")
+    return torch.device(name)
+
+
+@dataclass
+class Setup:
+    """Everything built from a recipe before a single file is written (so bad input leaves nothing)."""
+
+    recipe: Recipe
+    source: data.Source
+    timeline: Timeline
+    device: torch.device
+
+
+def prepare(recipe: Recipe, recipe_file: str | None = None) -> Setup:
+    """Check the recipe against the data and the machine; raises FieldError (file named)."""
+    try:
+        models.check_arch(recipe.model)
+        device = pick_device(recipe.train.device)
+        source = data.load_source(recipe.data, recipe.seed)
+        if recipe.model.num_classes is not None and recipe.model.num_classes != source.num_classes:
+            raise FieldError("model.num_classes", recipe.model.num_classes,
+                             f"but the data has {source.num_classes} classes")
+        timeline = recipe.timeline(train_samples=len(source.train))
+    except FieldError as e:
+        raise e.within(file=recipe_file) from None
+    return Setup(recipe, source, timeline, device)
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one JSON object per row) and TensorBoard scalars."""
+
+    def __init__(self, run_dir: str, resume_step: int = 0):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        if resume_step and os.path.exists(self.path):  # drop rows past the checkpoint we resume from
+            with open(self.path) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            keep = [r for r in rows if r["step"] < resume_step or ("val_top1" in r and r["step"] <= resume_step)]
+            with open(self.path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in keep)
+        self.file = open(self.path, "a")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=resume_step or None)
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        for key in ("loss", "lr", "momentum", "val_top1", "val_top5", "val_loss"):
+            if key in row:
+                self.tb.add_scalar(key if key.startswith("val") else f"train/{key}", row[key], row["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        self.tb.close()
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Trainer:
+    """Trains a recipe into ``run_dir``. Use ``Trainer.create`` (new run) or ``Trainer.resume``."""
+
+    def __init__(self, setup: Setup, run_dir: str):
+        self.setup, self.recipe, self.run_dir = setup, setup.recipe, run_dir
+        r, dev = self.recipe, setup.device
+        self.timeline, self.source, self.device = setup.timeline, setup.source, dev
+        torch.manual_seed(r.seed)
+        self.model = models.build_model(r.model, self.source.num_classes, self.source.channels).to(dev)
+        self.memory_format = torch.channels_last if r.train.channels_last else torch.contiguous_format
+        self.model = self.model.to(memory_format=self.memory_format)
+        self.optimizer = models.build_optimizer(self.model, r.optimizer)
+        self.scheduler = StepScheduler(self.optimizer, self.timeline)
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=r.train.precision == "fp16")
+        self.autocast = torch.autocast(dev.type, dtype=DTYPES[r.train.precision],
+                                       enabled=r.train.precision != "fp32")
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=r.train.label_smoothing)
+        self.forward = torch.compile(self.model) if r.train.compile else self.model
+        self.prep = data.normalizer(self.source, dev, r.train.channels_last)
+        self.step = 0
+        self.elapsed = 0.0  # training wall time over all sessions (s)
+        self.evals: list[dict] = []
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, setup: Setup, run_dir: str) -> Trainer:
+        trainer = cls(setup, run_dir)
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        with open(os.path.join(run_dir, "recipe.yaml"), "w") as f:
+            f.write(dump_recipe(setup.recipe))
+        from cadence import report
+
+        report.plot_plan(setup.timeline, os.path.join(run_dir, "plan.png"), title=setup.recipe.name)
+        return trainer
+
+    @classmethod
+    def resume(cls, setup: Setup, run_dir: str) -> Trainer:
+        trainer = cls(setup, run_dir)
+        trainer.load_state(checkpoint.load(os.path.join(run_dir, "checkpoints", "last.pt")))
+        return trainer
+
+    def state(self) -> dict:
+        t = self.timeline
+        at = min(self.step, len(t) - 1)
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "step": self.step, "stage": t.stage[at], "epoch": t.epoch[at],
+            "batch_in_epoch": self.step - t.epoch_starts[t.epoch[at]] if self.step < len(t) else 0,
+            "rng": checkpoint.rng_state(), "recipe": self.recipe.raw, "elapsed": self.elapsed,
+            "evals": self.evals,
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        self.step, self.elapsed, self.evals = state["step"], state["elapsed"], state["evals"]
+
+    def save(self) -> None:
+        checkpoint.save_atomic(self.state(), os.path.join(self.run_dir, "checkpoints", "last.pt"))
+
+    # -- the work ----------------------------------------------------------------------------------
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimizer step at the LR/momentum the scheduler has set; then the scheduler moves on."""
+        self.model.train()
+        with self.autocast:
+            loss = self.criterion(self.forward(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss.detach()
+
+    @torch.no_grad()
+    def evaluate(self, resolution: int | None = None) -> dict:
+        """Held-out loss, top-1 and (with more than 5 classes) top-5, at ``resolution`` px."""
+        r = self.recipe
+        res = resolution or r.eval_resolution
+        self.model.eval()
+        total, loss_sum, correct1, correct5 = 0, 0.0, 0, 0
+        k = min(5, self.source.num_classes)
+        for x, y in data.eval_loader(self.source, res, r.train.eval_batch_size, r.data.num_workers):
+            y = y.to(self.device)
+            with self.autocast:
+                logits = self.forward(self.prep(x))
+            loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
+            top = logits.topk(k, dim=1).indices
+            correct1 += (top[:, 0] == y).sum().item()
+            correct5 += (top == y[:, None]).any(dim=1).sum().item()
+            total += len(y)
+        out = {"val_loss": loss_sum / total, "val_top1": correct1 / total, "resolution": res}
+        if self.source.num_classes > 5:
+            out["val_top5"] = correct5 / total
+        return out
+
+    def fit(self, stop_at: int | None = None, progress: bool = True) -> dict | None:
+        """Train to the end of the timeline (or stop after global step ``stop_at``, resumable).
+        Returns the final evaluation, or None if stopped early."""
+        r, t = self.recipe, self.timeline
+        log = MetricsLog(self.run_dir, self.step)
+        end = len(t) if stop_at is None else min(stop_at, len(t))
+        bar = tqdm(total=len(t), initial=self.step, disable=not progress, file=sys.stderr,
+                   dynamic_ncols=True, mininterval=0.5, unit="step")
+        try:
+            while self.step < end:
+                self._run_epoch(log, bar, end)
+            bar.close()
+            if self.step < len(t):
+                self.save()
+                return None
+            final = self.evals[-1] if self.evals and self.evals[-1]["step"] == self.step else self._eval(log)
+            self.save()
+            return final
+        finally:
+            bar.close()
+            log.close()
+
+    def _run_epoch(self, log: MetricsLog, bar, end: int) -> None:
+        r, t = self.recipe, self.timeline
+        e = t.epoch[self.step]
+        k = t.stage[self.step]
+        stage = r.stages[k]
+        first, last = t.epoch_starts[e], t.epoch_starts[e + 1]
+        loader = data.stage_loader(
+            self.source, stage, epoch=e, seed=r.seed, drop_last=r.data.drop_last,
+            epoch_samples=epoch_samples(len(self.source.train), stage.data_fraction),
+            num_workers=r.data.num_workers, skip_batches=self.step - first,
+            pin_memory=self.device.type == "cuda")
+        bar.set_description(f"stage {k} epoch {e} {stage.resolution}px")
+        tick, images = time.perf_counter(), 0
+        for x, y in loader:
+            s = self.step
+            lr, momentum = self.optimizer.param_groups[0]["lr"], get_momentum(self.optimizer)
+            loss = self.train_step(self.prep(x), y.to(self.device, non_blocking=True))
+            self.step += 1
+            images += len(y)
+            if s % r.train.log_every == 0 or self.step == last:
+                now = time.perf_counter()
+                self.elapsed += now - tick
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"loss is {loss_value} at step {s} (lr {lr:.4g}); "
+                                             "lower optimizer.lr or use fp32")
+                log.write({"step": s, "stage": k, "epoch": e, "lr": lr, "momentum": momentum,
+                           "loss": loss_value, "samples_seen": t.samples_seen[s], "time": round(self.elapsed, 3),
+                           "resolution": stage.resolution})
+                bar.set_postfix(lr=f"{lr:.3g}", loss=f"{loss_value:.3f}",
+                                img_s=f"{images / max(now - tick, 1e-9):.0f}", refresh=False)
+                tick, images = now, 0
+            bar.update(1)
+            if r.train.checkpoint_every and self.step % r.train.checkpoint_every == 0 and self.step < last:
+                self.save()
+            if self.step >= end and self.step < last:
+                return
+        if self.step != last:
+            raise RuntimeError(f"epoch {e} yielded {self.step - first} batches; the plan has {last - first}")
+        stage_end = self.step == t.stage_starts[k + 1]
+        if r.train.eval_every == "epoch" or (r.train.eval_every == "stage" and stage_end):
+            self._eval(log)
+        self.save()
+
+    def _eval(self, log: MetricsLog) -> dict:
+        t = self.timeline
+        at = self.step - 1
+        result = {"step": self.step, "stage": t.stage[at], "epoch": t.epoch[at],
+                  "samples_seen": t.samples_seen[at], "time": round(self.elapsed, 3), **self.evaluate()}
+        log.write(result)
+        self.evals.append(result)
+        return result
+
+
+def default_run_dir(recipe: Recipe, root: str = "runs") -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(root, f"{recipe.name}-{stamp}")
+    n = 1
+    while os.path.exists(path):
+        n += 1
+        path = os.path.join(root, f"{recipe.name}-{stamp}-{n}")
+    return path
+
+
+def train(setup: Setup, run_dir: str, *, resume: bool = False, stop_at: int | None = None,
+          progress: bool = True) -> tuple[Trainer, dict | None]:
+    """Train (or resume) into ``run_dir``; writes curves and the report at the end. A new run's
+    directory is removed again if building the model fails before the first step."""
+    fresh = not resume and not os.path.exists(run_dir)
+    try:
+        trainer = Trainer.resume(setup, run_dir) if resume else Trainer.create(setup, run_dir)
+    except BaseException:
+        if fresh:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    final = trainer.fit(stop_at=stop_at, progress=progress)
+    from cadence import report
+
+    report.write_run_report(run_dir)
+    return trainer, final

@@ -1,0 +1,18 @@
+"""Shared test settings.
+
+Hypothesis runs derandomized (a fixed seed derived from each test) with no per-example deadline, so
+CI is reproducible and never fails on a slow machine. ``HYPOTHESIS_PROFILE=explore`` turns the
+randomness back on when hunting for new counterexamples locally.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("explore", deadline=None, derandomize=False, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
