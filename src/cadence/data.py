@@ -111,10 +111,15 @@ def _image_folder_paths(root: str, field: str) -> tuple[list[tuple[str, int]], l
 
 
 def _decode_all(items: list[tuple[str, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    """Decode small images into one uint8 tensor (N, 3, H, W)."""
+    from PIL import Image
 
-    images = [decode_image(read_file(p), mode=ImageReadMode.RGB) for p, _ in items]
-    return torch.stack(images), torch.tensor([k for _, k in items])
+    def read(path: str) -> np.ndarray:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+
+    images = np.stack([read(p) for p, _ in items])
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.tensor([k for _, k in items])
 
 
 def _cifar10(cfg: DataConfig, seed: int) -> Source:

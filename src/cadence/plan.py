@@ -112,6 +112,8 @@ class Timeline:
 def layout(stages: list[Stage], train_samples: int, *, world_size: int = 1,
            drop_last: bool = True) -> Timeline:
     """The steps of every stage and epoch, with no learning rates yet."""
+    if world_size < 1:
+        raise ScheduleError("world_size", world_size, "must be >= 1")
     t = Timeline(stages=list(stages))
     seen, epoch = 0, 0
     for k, st in enumerate(stages):

@@ -48,6 +48,8 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes per rank
 
     def __post_init__(self):
+        if self.root is not None:
+            self.root = os.path.expanduser(self.root)
         _check(self.train_samples is None or self.train_samples > 0, "train_samples", self.train_samples,
                "must be positive")
         _check(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "must be in (0, 1)")
@@ -100,7 +102,7 @@ class OptimizerConfig:
     decay_norm_and_bias: bool = False  # weight decay on BN/bias parameters too
 
     def __post_init__(self):
-        _check(self.lr > 0, "lr", self.lr, "must be positive")
+        _check(0 < self.lr < float("inf"), "lr", self.lr, "must be positive and finite")
         _check(self.reference_batch_size is None or self.reference_batch_size > 0,
                "reference_batch_size", self.reference_batch_size, "must be positive")
         _check(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")

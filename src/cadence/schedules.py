@@ -385,7 +385,7 @@ class OneCycle(ScheduleSpec):
         initial = 1.0 / self.div_factor
         final = initial / self.final_div_factor
         hi_m, lo_m = self.momentum if self.momentum else (None, None)
-        e1 = self.pct_start * length
+        e1 = self.pct_start * length - step
         if self.three_phase:
             phases = [(e1, initial, 1.0, hi_m, lo_m),
                       (2 * self.pct_start * length - 2 * step, 1.0, initial, lo_m, hi_m),

@@ -1,0 +1,210 @@
+"""Training end to end: metrics match the plan, exact resume, eval, CIFAR-10 JPEGs, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+import yaml
+
+from cadence import cli, train
+from cadence.recipe import load_recipe, recipe_from_dict
+from cadence.report import read_plan_csv
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CIFAR_TAR = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpg.tar.gz")
+
+TINY = {
+    "name": "tiny",
+    "seed": 3,
+    "data": {"source": "synthetic", "samples": 96, "val_samples": 32, "image_size": 16, "num_classes": 4},
+    "model": {"arch": "fastnet", "width": 8},
+    "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5.0e-4,
+                  "reference_batch_size": 16, "lr_scaling": "linear"},
+    "schedule": {"kind": "one_cycle", "scope": "global", "progress": "samples", "pct_start": 0.3,
+                 "momentum": [0.95, 0.85]},
+    "stages": [{"epochs": 2, "resolution": 12, "batch_size": 16, "data_fraction": 0.5},  # 3 steps/epoch
+               {"epochs": 2, "resolution": 16, "batch_size": 32}],  # 3 steps/epoch
+    "train": {"device": "cpu", "eval_every": "epoch", "checkpoint_every": 2},
+}
+ADAMW = {**TINY, "optimizer": {"name": "adamw", "lr": 0.003, "weight_decay": 0.05},
+         "schedule": {"kind": "cosine_restarts", "period": "2 epochs", "floor": 0.01,
+                      "warmup": {"duration": "2 steps"}}}
+
+
+def write_recipe(tmp_path, raw: dict, name: str = "recipe.yaml") -> str:
+    path = os.path.join(tmp_path, name)
+    with open(path, "w") as f:
+        yaml.safe_dump(raw, f)
+    return path
+
+
+def run(raw: dict, run_dir: str, stop_at: int | None = None, resume: bool = False):
+    setup = train.prepare(recipe_from_dict(raw))
+    trainer, final = train.train(setup, run_dir, resume=resume, stop_at=stop_at, progress=False)
+    return trainer, final
+
+
+def train_rows(run_dir: str) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "time"} for r in train.read_metrics(run_dir)]
+
+
+def assert_same_state(a: train.Trainer, b: train.Trainer) -> None:
+    for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(x, y), name
+    sa, sb = a.optimizer.state_dict(), b.optimizer.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    for k in sa["state"]:
+        for name, x in sa["state"][k].items():
+            assert torch.equal(x, sb["state"][k][name]), (k, name)
+
+
+@pytest.mark.parametrize("raw", [TINY, ADAMW], ids=["sgd-onecycle", "adamw-sgdr"])
+@pytest.mark.parametrize("stop_at", [4, 6, 7], ids=["mid-epoch", "stage-boundary", "mid-stage"])
+def test_resume_is_bitwise_exact(tmp_path, raw, stop_at):
+    full, final_full = run(raw, str(tmp_path / "full"))
+    assert full.step == 12
+    part, final_part = run(raw, str(tmp_path / "part"), stop_at=stop_at)
+    assert final_part is None and part.step == stop_at
+    resumed, final_resumed = run(raw, str(tmp_path / "part"), resume=True)
+    assert resumed.step == 12
+    assert_same_state(full, resumed)
+    assert final_resumed["val_top1"] == final_full["val_top1"]
+    assert train_rows(str(tmp_path / "part")) == train_rows(str(tmp_path / "full"))
+
+
+def test_resume_through_the_cli(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, TINY)
+    assert cli.main(["train", recipe, "--out", str(tmp_path / "a"), "--quiet"]) == 0
+    assert cli.main(["train", recipe, "--out", str(tmp_path / "b"), "--quiet", "--max-steps", "5"]) == 0
+    assert "stopped after step 5" in capsys.readouterr().out
+    assert cli.main(["train", "--resume", str(tmp_path / "b"), "--quiet"]) == 0
+    a = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)
+    assert a["step"] == b["step"] == 12
+    for name, x in a["model"].items():
+        assert torch.equal(x, b["model"][name]), name
+    assert train_rows(str(tmp_path / "a")) == train_rows(str(tmp_path / "b"))
+
+
+def test_resume_refuses_a_different_recipe(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, TINY)
+    assert cli.main(["train", recipe, "--out", str(tmp_path / "r"), "--quiet", "--max-steps", "2"]) == 0
+    capsys.readouterr()
+    code = cli.main(["train", recipe, "--resume", str(tmp_path / "r"), "--set", "optimizer.lr=0.5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "optimizer.lr" in err[0]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    code = cli.main(["train", os.path.join(ROOT, "recipes", "demo.yaml"), "--out", str(out), "--quiet"])
+    assert code == 0
+    return out
+
+
+def test_demo_reaches_its_stated_accuracy(demo_run):
+    evals = [r for r in train.read_metrics(str(demo_run)) if "val_top1" in r]
+    assert evals[-1]["val_top1"] >= 0.95
+    assert evals[-1]["resolution"] == 32
+    for name in ("recipe.yaml", "metrics.jsonl", "checkpoints/last.pt", "plan.png", "curves.png", "report.html"):
+        assert os.path.getsize(demo_run / name) > 0, name
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(demo_run / "tensorboard"))
+    page = (demo_run / "report.html").read_text()
+    assert "held-out top-1" in page and "data:image/png;base64" in page and "one_cycle" in page
+
+
+def test_logged_lr_and_momentum_equal_the_plan(demo_run, tmp_path):
+    csv_path = str(tmp_path / "plan.csv")
+    assert cli.main(["plan", os.path.join(ROOT, "recipes", "demo.yaml"), "--csv", csv_path]) == 0
+    plan = read_plan_csv(csv_path)
+    rows = [r for r in train.read_metrics(str(demo_run)) if "val_top1" not in r]
+    assert [r["step"] for r in rows] == plan["step"]
+    assert [r["lr"] for r in rows] == plan["lr"]
+    assert [r["momentum"] for r in rows] == plan["momentum"]
+    assert [r["samples_seen"] for r in rows] == plan["samples_seen"]
+    assert [r["stage"] for r in rows] == plan["stage"]
+
+
+def test_eval_at_another_resolution(demo_run, capsys):
+    final = [r for r in train.read_metrics(str(demo_run)) if "val_top1" in r][-1]
+    assert cli.main(["eval", str(demo_run)]) == 0
+    out = capsys.readouterr().out
+    assert f"top-1 {100 * final['val_top1']:.2f}%" in out and "at 32px" in out
+    assert cli.main(["eval", str(demo_run), "--resolution", "24"]) == 0
+    assert "at 24px" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="session")
+def cifar_subset(tmp_path_factory):
+    """40 training and 10 test JPEGs per class from the shared CIFAR-10 archive, as an ImageFolder."""
+    if not os.path.exists(CIFAR_TAR):
+        pytest.skip("../shared/data/cifar10-jpg.tar.gz is not here")
+    root = tmp_path_factory.mktemp("cifar10")
+    keep = {"train": 40, "test": 10}
+    counts: dict[tuple[str, str], int] = {}
+    with tarfile.open(CIFAR_TAR) as tf:
+        members = []
+        for m in tf:
+            parts = m.name.strip("./").split("/")
+            if m.isfile() and len(parts) >= 3 and parts[-3] in keep:
+                key = (parts[-3], parts[-2])
+                if counts.get(key, 0) < keep[parts[-3]]:
+                    counts[key] = counts.get(key, 0) + 1
+                    m.name = "/".join(parts[-3:])
+                    members.append(m)
+        tf.extractall(root, members=members, filter="data")
+    return root
+
+
+def test_cifar10_jpeg_folder_end_to_end(tmp_path, cifar_subset):
+    raw = {**TINY, "name": "cifar-short",
+           "data": {"source": "cifar10", "root": str(cifar_subset)},
+           "stages": [{"epochs": 1, "resolution": 24, "batch_size": 50, "data_fraction": 0.5},
+                      {"epochs": 1, "resolution": 32, "batch_size": 100}],
+           "train": {"device": "cpu", "eval_every": "stage"}}
+    setup = train.prepare(recipe_from_dict(raw))
+    assert setup.source.num_classes == 10 and len(setup.source.train) == 400 and len(setup.source.val) == 100
+    assert setup.source.train.images.shape == (400, 3, 32, 32)
+    trainer, final = train.train(setup, str(tmp_path / "run"), progress=False)
+    assert trainer.step == len(setup.timeline) == 4 + 4
+    assert 0.0 <= final["val_top1"] <= 1.0 and "val_top5" in final
+    evals = [r for r in train.read_metrics(str(tmp_path / "run")) if "val_top1" in r]
+    assert [r["stage"] for r in evals] == [0, 1]
+
+
+def _cadence(*args: str, cwd: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cadence.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("data.source=imagefolder", "data.root"),
+    ("model.arch=resnet9000", "model.arch"),
+    ("model.num_classes=7", "model.num_classes"),
+    ("data.train_samples=999", "data.train_samples"),
+])
+def test_bad_training_input_exits_2_and_leaves_nothing(tmp_path, override, field):
+    recipe = write_recipe(tmp_path, TINY | {"data": {"source": "digits"}})
+    extra = ["--set", "data.root=/nonexistent/imagenet"] if "imagefolder" in override else []
+    p = _cadence("train", recipe, "--set", override, *extra, "--out", str(tmp_path / "run"), cwd=str(tmp_path))
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2, p.stderr
+    assert len(lines) == 1 and field in lines[0] and recipe in lines[0], p.stderr
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+
+
+def test_an_existing_run_is_not_overwritten(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, TINY)
+    assert cli.main(["train", recipe, "--out", str(tmp_path / "r"), "--quiet", "--max-steps", "1"]) == 0
+    before = (tmp_path / "r" / "checkpoints" / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert cli.main(["train", recipe, "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (tmp_path / "r" / "checkpoints" / "last.pt").read_bytes() == before
