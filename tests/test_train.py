@@ -208,3 +208,14 @@ def test_an_existing_run_is_not_overwritten(tmp_path, capsys):
     assert cli.main(["train", recipe, "--out", str(tmp_path / "r"), "--quiet"]) == 2
     assert "--resume" in capsys.readouterr().err
     assert (tmp_path / "r" / "checkpoints" / "last.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_and_channels_last_train(tmp_path, precision):
+    raw = {**TINY, "stages": [{"epochs": 1, "resolution": 16, "batch_size": 16}],
+           "train": {"device": "cpu", "precision": precision, "channels_last": True, "eval_every": "end"}}
+    trainer, final = run(raw, str(tmp_path / "run"))
+    assert trainer.scaler.is_enabled() == (precision == "fp16")
+    losses = [r["loss"] for r in train.read_metrics(str(tmp_path / "run")) if "val_top1" not in r]
+    assert len(losses) == 6 and all(0 < v < 10 for v in losses)
+    assert 0.0 <= final["val_top1"] <= 1.0
