@@ -306,6 +306,25 @@ def test_step_sample_and_fraction_milestones_resolve_exactly(progress, drop_last
         assert decays(t) == [first], spec
 
 
+@pytest.mark.parametrize("progress", ["steps", "samples"])
+def test_fractions_that_are_whole_steps_are_not_lost_to_rounding(progress):
+    # 0.55 * 100 == 55.00000000000001 in binary: the milestone is still step 55, not 56
+    one = [{"epochs": 1, "resolution": 32, "batch_size": 4}]
+    t = make_recipe(one, {"kind": "multistep", "milestones": [0.55]}, progress=progress).timeline(train_samples=400)
+    assert decays(t) == [55]
+
+
+def test_fractional_epochs_count_steps_within_the_epoch():
+    # epoch 1 of MIXED is 15 steps of 32 images; "1.4 epochs" is 6 of them in
+    for progress in ("steps", "samples"):
+        t = make_recipe(MIXED, {"kind": "multistep", "milestones": ["1.4 epochs", "3.5 epochs"]},
+                        progress=progress).timeline(train_samples=1000)
+        e1, e3, e4 = t.epoch_starts[1], t.epoch_starts[3], t.epoch_starts[4]
+        assert e1 == 15 and e3 == 45 and e4 - e3 == 62  # epoch 3 is stage 1's first: 62 steps of 16
+        assert decays(t) == [e1 + 6, e3 + 31]  # 0.4 x 15 steps, 0.5 x 62 steps
+        assert t.epoch_progress[e1 + 6] == pytest.approx(1.4)
+
+
 def test_duration_units_in_samples_progress_are_converted_exactly():
     t = make_recipe(MIXED, {"kind": "constant"}, progress="samples").timeline(train_samples=1000)
     # epoch 0 is 15 steps of 32 (500 images, drop_last): "1 epochs" = 480 samples = "15 steps"

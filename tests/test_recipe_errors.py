@@ -60,6 +60,7 @@ CASES = [
     ("missing required key", edit("name", DELETE), [], "name", "None"),
     ("negative lr", edit("optimizer.lr", -0.1), [], "optimizer.lr", "-0.1"),
     ("zero lr", GOOD, ["optimizer.lr=0"], "optimizer.lr", "0.0"),
+    ("infinite lr", GOOD, ["optimizer.lr=.inf"], "optimizer.lr", "inf"),
     ("pct_start above 1", edit("schedule.pct_start", 1.5), [], "schedule.pct_start", "1.5"),
     ("pct_start 0", edit("schedule.pct_start", 0.0), [], "schedule.pct_start", "0.0"),
     ("pct_start 1", GOOD, ["schedule.pct_start=1"], "schedule.pct_start", "1.0"),
@@ -130,12 +131,13 @@ def test_bad_recipe_exits_2_with_one_line(tmp_path, capsys, raw, sets, field, va
     assert f"{path}: {field}: {value}: " in line
 
 
-def test_world_size_that_does_not_divide_the_batch(tmp_path, capsys):
+@pytest.mark.parametrize("world_size,needle", [("3", "stages.0.batch_size: 10: "), ("0", "world_size: 0: ")])
+def test_bad_world_size(tmp_path, capsys, world_size, needle):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(GOOD))
-    rc, out, err = run_plan(capsys, [str(path), "--world-size", "3"])
+    rc, out, err = run_plan(capsys, [str(path), "--world-size", world_size])
     assert rc == 2 and out == ""
-    assert_one_line(err, f"{path}: stages.0.batch_size: 10: ", "world size 3")
+    assert_one_line(err, f"{path}: {needle}")
 
 
 def test_missing_file(tmp_path, capsys):

@@ -39,8 +39,7 @@ def cmd_plan(args) -> int:
 def _resolve_recipe(args):
     """The recipe to train: RECIPE (+ --set), or, when resuming, the run's own recipe.yaml.
     A resumed run must be given the recipe it started with."""
-    import os
-    from cadence.recipe import load_recipe
+    from cadence.recipe import load_recipe, with_lr
 
     if args.resume:
         saved = os.path.join(args.resume, "recipe.yaml")
@@ -50,6 +49,8 @@ def _resolve_recipe(args):
         if args.recipe is None and not args.sets:
             return run_recipe, saved
         recipe = load_recipe(args.recipe or saved, args.sets)
+        if recipe.optimizer.lr == "auto":  # the run recorded what the range test chose
+            recipe = with_lr(recipe, run_recipe.optimizer.lr)
         if recipe.raw != run_recipe.raw:
             key = _first_difference(run_recipe.raw, recipe.raw)
             raise FieldError(key, args.recipe, f"differs from the run's recipe ({saved}); "
@@ -80,6 +81,9 @@ def cmd_train(args) -> int:
     run_dir = args.resume or args.out or train.default_run_dir(recipe)
     if not args.resume and os.path.exists(os.path.join(run_dir, "checkpoints", "last.pt")):
         raise FieldError("--out", run_dir, "already holds a run (use --resume to continue it)")
+    if recipe.optimizer.lr == "auto":
+        setup = train.find_auto_lr(setup, recipe_file, progress=not args.quiet)
+        print(f"optimizer.lr: auto -> {setup.recipe.optimizer.lr:.4g} (LR range test on stage 0)", file=sys.stderr)
     print(f"{recipe.name}: {len(setup.timeline):,} steps over {len(recipe.stages)} stage(s) on "
           f"{setup.device}; run directory {run_dir}", file=sys.stderr)
     trainer, final = train.train(setup, run_dir, resume=bool(args.resume), stop_at=args.max_steps,
@@ -126,6 +130,41 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_find_lr(args) -> int:
+    from cadence import lr_finder, train
+    from cadence.plan import lr_scale
+    from cadence.recipe import load_recipe
+
+    lr_finder.check_range(args.start, args.end, args.steps)
+    recipe = load_recipe(args.recipe, args.sets)
+    if not 0 <= args.stage < len(recipe.stages):
+        raise FieldError("--stage", args.stage, f"the recipe has stages 0..{len(recipe.stages) - 1}")
+    setup = train.prepare(recipe, args.recipe)
+    trainer = train.Trainer(setup, run_dir="")
+    stages = range(len(recipe.stages)) if args.all_stages else [args.stage]
+    results = [lr_finder.range_test(trainer, k, start=args.start, end=args.end, steps=args.steps,
+                                    mode=args.mode, progress=not args.quiet) for k in stages]
+    o = recipe.optimizer
+    for res in results:
+        head = f"stage {res.stage} ({res.resolution}px, batch {res.batch_size}, {len(res.lrs)} steps"
+        head += ", stopped at divergence)" if res.stopped_early else ")"
+        if res.suggestions is None:
+            print(f"{head}: no suggestion: {res.error}")
+            continue
+        s = res.suggestions
+        ref = o.reference_batch_size or recipe.stages[0].batch_size
+        at_ref = s.recommended / lr_scale(res.batch_size, ref, o.lr_scaling)
+        print(f"{head}: steepest {s.steepest:.3g}, minimum/10 {s.minimum_div_10:.3g}, valley {s.valley:.3g}"
+              f"\n  recommended one-cycle max_lr {s.recommended:.3g} at batch {res.batch_size}"
+              f" (optimizer.lr: {at_ref:.3g} at reference batch {ref}, lr_scaling {o.lr_scaling})")
+    os.makedirs(args.out, exist_ok=True)
+    csv_path, png_path = os.path.join(args.out, "lr_find.csv"), os.path.join(args.out, "lr_find.png")
+    lr_finder.write_csv(results, csv_path)
+    lr_finder.plot(results, png_path, title=f"{recipe.name}: LR range test")
+    print(f"wrote {csv_path} and {png_path}")
+    return 0 if any(res.suggestions for res in results) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cadence", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, help="stop (resumably) after this many optimizer steps in all")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("find-lr", help="LR range test: suggest max_lr for a stage (or every stage)")
+    _recipe_args(p)
+    p.add_argument("--stage", type=int, default=0, help="stage whose resolution, batch and data to use")
+    p.add_argument("--all-stages", action="store_true", help="one curve per stage")
+    p.add_argument("--start", type=float, default=1e-6, help="first LR")
+    p.add_argument("--end", type=float, default=10.0, help="last LR")
+    p.add_argument("--steps", type=int, default=100, help="batches in the range")
+    p.add_argument("--mode", choices=["exp", "linear"], default="exp", help="how the LR rises")
+    p.add_argument("--out", default=".", help="folder for lr_find.csv and lr_find.png")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_find_lr)
 
     p = sub.add_parser("eval", help="evaluate a run's last checkpoint, at any resolution")
     p.add_argument("run_dir")

@@ -92,7 +92,7 @@ class ModelConfig:
 @dataclass(kw_only=True)
 class OptimizerConfig:
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.1  # PEAK learning rate at reference_batch_size; schedules return multipliers of it
+    lr: float | Literal["auto"] = 0.1  # PEAK LR at reference_batch_size ("auto": LR range test first)
     reference_batch_size: int | None = None  # default: the first stage's batch size
     lr_scaling: LrScaling = "none"  # lr x f(stage global batch / reference_batch_size)
     momentum: float = 0.9  # SGD momentum or AdamW beta1, where the schedule does not cycle it
@@ -102,7 +102,7 @@ class OptimizerConfig:
     decay_norm_and_bias: bool = False  # weight decay on BN/bias parameters too
 
     def __post_init__(self):
-        _check(0 < self.lr < float("inf"), "lr", self.lr, "must be positive and finite")
+        _check(self.lr == "auto" or 0 < self.lr < float("inf"), "lr", self.lr, "must be positive and finite (or auto)")
         _check(self.reference_batch_size is None or self.reference_batch_size > 0,
                "reference_batch_size", self.reference_batch_size, "must be positive")
         _check(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
@@ -161,7 +161,7 @@ class Recipe:
         o = self.optimizer
         return make_timeline(
             self.stages, self.data.train_size() if train_samples is None else train_samples,
-            self.schedule.spec, lr=o.lr, momentum=o.momentum, scope=self.schedule.scope,
+            self.schedule.spec, lr=1.0 if o.lr == "auto" else o.lr, momentum=o.momentum, scope=self.schedule.scope,
             progress=self.schedule.progress, reference_batch_size=o.reference_batch_size,
             lr_scaling=o.lr_scaling, world_size=world_size, drop_last=self.data.drop_last)
 
@@ -357,5 +357,14 @@ def load_recipe(path: str, sets: list[str] = ()) -> Recipe:
     return recipe_from_dict(raw, path)
 
 
-def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.raw, sort_keys=False)
+def dump_recipe(recipe: Recipe, header: str = "") -> str:
+    """The recipe as YAML, after a ``# header`` comment if given."""
+    comment = "".join(f"# {line}\n" for line in header.splitlines())
+    return comment + yaml.safe_dump(recipe.raw, sort_keys=False)
+
+
+def with_lr(recipe: Recipe, lr: float) -> Recipe:
+    """A copy of ``recipe`` with ``optimizer.lr`` set (in the dataclass and the written form)."""
+    raw = copy.deepcopy(recipe.raw)
+    raw.setdefault("optimizer", {})["lr"] = lr
+    return recipe_from_dict(raw)

@@ -40,6 +40,7 @@ class Setup:
     source: data.Source
     timeline: Timeline
     device: torch.device
+    lr_find: object | None = None  # the range test's RangeResult, when optimizer.lr was auto
 
 
 def prepare(recipe: Recipe, recipe_file: str | None = None) -> Setup:
@@ -108,6 +109,7 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=r.train.label_smoothing)
         self.forward = torch.compile(self.model) if r.train.compile else self.model
         self.prep = data.normalizer(self.source, dev, r.train.channels_last)
+        self.rank, self.world = 0, 1
         self.step = 0
         self.elapsed = 0.0  # training wall time over all sessions (s)
         self.evals: list[dict] = []
@@ -118,9 +120,18 @@ class Trainer:
     def create(cls, setup: Setup, run_dir: str) -> Trainer:
         trainer = cls(setup, run_dir)
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        from cadence import lr_finder, report
+
+        header = ""
+        if setup.lr_find is not None:
+            res = setup.lr_find
+            header = (f"optimizer.lr was auto: the LR range test on stage 0 ({res.resolution}px, batch "
+                      f"{res.batch_size}) recommended a peak of {res.suggestions.recommended:.4g}; "
+                      "curve in lr_find.csv and lr_find.png")
+            lr_finder.write_csv([res], os.path.join(run_dir, "lr_find.csv"))
+            lr_finder.plot([res], os.path.join(run_dir, "lr_find.png"), title=f"{setup.recipe.name}: LR range test")
         with open(os.path.join(run_dir, "recipe.yaml"), "w") as f:
-            f.write(dump_recipe(setup.recipe))
-        from cadence import report
+            f.write(dump_recipe(setup.recipe, header))
 
         report.plot_plan(setup.timeline, os.path.join(run_dir, "plan.png"), title=setup.recipe.name)
         return trainer
@@ -167,6 +178,10 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         return loss.detach()
+
+    def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean of ``value`` over ranks (the value itself on one process)."""
+        return value
 
     @torch.no_grad()
     def evaluate(self, resolution: int | None = None) -> dict:
@@ -264,6 +279,22 @@ class Trainer:
         log.write(result)
         self.evals.append(result)
         return result
+
+
+def find_auto_lr(setup: Setup, recipe_file: str | None = None, progress: bool = True) -> Setup:
+    """``optimizer.lr: auto``: run the LR range test on stage 0 from the recipe's initial weights
+    and return the setup with the recommended peak (converted back to ``reference_batch_size``)."""
+    from cadence import lr_finder
+    from cadence.plan import lr_scale
+    from cadence.recipe import with_lr
+
+    res = lr_finder.range_test(Trainer(setup, run_dir=""), 0, progress=progress)
+    if res.suggestions is None:
+        raise FieldError("optimizer.lr", "auto", f"the LR range test found no LR: {res.error}", file=recipe_file)
+    first, o = setup.recipe.stages[0], setup.recipe.optimizer
+    scale = lr_scale(first.batch_size, o.reference_batch_size or first.batch_size, o.lr_scaling)
+    recipe = with_lr(setup.recipe, res.suggestions.recommended / scale)
+    return Setup(recipe, setup.source, recipe.timeline(train_samples=len(setup.source.train)), setup.device, res)
 
 
 def default_run_dir(recipe: Recipe, root: str = "runs") -> str:

@@ -1,0 +1,133 @@
+"""LR range test: the suggestion rules on curves whose answer is known, state restored bit for bit,
+`cadence find-lr`, and `optimizer.lr: auto`."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import os
+
+import pytest
+import torch
+import yaml
+
+from cadence import cli, lr_finder, train
+from cadence.recipe import recipe_from_dict
+from test_train import TINY, write_recipe
+
+GRID = [1e-6 * (1e7) ** (i / 199) for i in range(200)]  # 1e-6 .. 10, 200 points
+
+
+def synthetic_curve(steepest_at: float, minimum_at: float) -> list[float]:
+    """Loss that falls as -tanh around ``steepest_at`` (in log LR) and blows up past ``minimum_at``."""
+    x0, xm = math.log(steepest_at), math.log(minimum_at)
+    return [2.0 - math.tanh(math.log(lr) - x0) + (20 * (math.log(lr) - xm) ** 2 if lr > minimum_at else 0)
+            for lr in GRID]
+
+
+def nearest(lr: float) -> int:
+    return min(range(len(GRID)), key=lambda i: abs(math.log(GRID[i] / lr)))
+
+
+def test_smoothing_is_bias_corrected():
+    assert lr_finder.smooth([3.0] * 10) == pytest.approx([3.0] * 10, rel=1e-12)
+    s = lr_finder.smooth([1.0, 0.0], beta=0.9)
+    assert s[1] == pytest.approx(0.9 * 0.1 / (1 - 0.81))
+
+
+@pytest.mark.parametrize("steep, minimum", [(1e-3, 0.3), (3e-2, 1.0), (1e-4, 1e-2)])
+def test_rules_find_the_known_answers(steep, minimum):
+    losses = synthetic_curve(steep, minimum)
+    step = math.log(GRID[1] / GRID[0])
+    assert abs(math.log(lr_finder.steepest(GRID, losses) / steep)) <= step
+    true_min = GRID[min(range(len(losses)), key=losses.__getitem__)]
+    assert lr_finder.minimum_div_10(GRID, losses) == pytest.approx(true_min / 10)
+    v = lr_finder.valley(GRID, losses)  # the whole curve falls from the start to the minimum
+    assert abs(math.log(v) - (math.log(GRID[0]) + math.log(true_min)) / 2) <= step
+    s = lr_finder.suggest(GRID, losses, beta=0.0)  # beta 0: no smoothing, exact rules
+    assert s.recommended == pytest.approx(math.sqrt(s.steepest * true_min))
+    assert s.steepest < s.recommended < true_min
+
+
+def test_a_loss_that_never_falls_gets_a_message_not_a_number():
+    flat = [2.3 + 0.01 * math.sin(i) for i in range(100)]
+    with pytest.raises(lr_finder.RangeTestError, match="never falls"):
+        lr_finder.suggest(GRID[:100], flat)
+    rising = [2.3 + 0.05 * i for i in range(100)]
+    with pytest.raises(lr_finder.RangeTestError, match="never falls"):
+        lr_finder.suggest(GRID[:100], rising)
+
+
+def test_a_range_that_diverges_at_once_gets_a_message():
+    losses = [2.3, 2.0, 5.0, 50.0, 500.0, 5000.0, 5e4, 5e5]
+    with pytest.raises(lr_finder.RangeTestError, match="diverges at once"):
+        lr_finder.suggest(GRID[:8], losses, beta=0.0)
+
+
+def test_lr_spacing():
+    assert lr_finder.lr_at(0, 5, 1e-4, 1.0, "exp") == pytest.approx(1e-4)
+    assert lr_finder.lr_at(2, 5, 1e-4, 1.0, "exp") == pytest.approx(1e-2)
+    assert lr_finder.lr_at(4, 5, 1e-4, 1.0, "exp") == pytest.approx(1.0)
+    assert lr_finder.lr_at(2, 5, 0.0 + 1e-4, 1.0, "linear") == pytest.approx((1e-4 + 1.0) / 2)
+
+
+def test_range_test_restores_the_trainer_bit_for_bit(tmp_path):
+    trainer = train.Trainer(train.prepare(recipe_from_dict(TINY)), str(tmp_path))
+    before = copy.deepcopy(trainer.model.state_dict())
+    opt_before = copy.deepcopy(trainer.optimizer.state_dict())
+    rng_before = torch.get_rng_state().clone()
+    res = lr_finder.range_test(trainer, 1, start=1e-4, end=10.0, steps=30)
+    assert len(res.lrs) >= 6 and res.lrs[0] == pytest.approx(1e-4)
+    assert res.resolution == 16 and res.batch_size == 32
+    for name, x in trainer.model.state_dict().items():
+        assert torch.equal(x, before[name]), name
+    assert trainer.optimizer.state_dict()["param_groups"] == opt_before["param_groups"]
+    assert trainer.optimizer.state_dict()["state"] == opt_before["state"] == {}
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert trainer.scheduler.last_epoch == 0
+
+
+def test_find_lr_cli_all_stages(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, TINY)
+    code = cli.main(["find-lr", recipe, "--all-stages", "--steps", "40", "--start", "1e-4", "--end", "20",
+                     "--out", str(tmp_path / "out"), "--quiet"])
+    out = capsys.readouterr().out
+    assert "stage 0" in out and "stage 1" in out
+    with open(tmp_path / "out" / "lr_find.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["stage"] for r in rows} == {"0", "1"}
+    assert os.path.getsize(tmp_path / "out" / "lr_find.png") > 10_000
+    assert code in (0, 1) and (code == 0) == ("recommended one-cycle max_lr" in out)
+
+
+def test_find_lr_says_so_when_the_loss_never_falls(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, TINY)
+    code = cli.main(["find-lr", recipe, "--steps", "30", "--start", "1e-9", "--end", "1e-8",
+                     "--out", str(tmp_path), "--quiet"])
+    assert code == 1
+    assert "no suggestion: the loss never falls" in capsys.readouterr().out
+
+
+def test_bad_range_is_exit_2(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, TINY)
+    assert cli.main(["find-lr", recipe, "--start", "1", "--end", "0.1"]) == 2
+    assert cli.main(["find-lr", recipe, "--stage", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--start/--end" in err[0] and "--stage" in err[1]
+
+
+def test_lr_auto_records_the_choice(tmp_path):
+    raw = copy.deepcopy(TINY)
+    raw["optimizer"]["lr"] = "auto"
+    recipe = write_recipe(tmp_path, raw)
+    assert cli.main(["train", recipe, "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    text = (tmp_path / "run" / "recipe.yaml").read_text()
+    assert text.startswith("# optimizer.lr was auto")
+    chosen = yaml.safe_load(text)["optimizer"]["lr"]
+    assert isinstance(chosen, float) and 1e-5 < chosen < 10
+    assert os.path.exists(tmp_path / "run" / "lr_find.png") and os.path.exists(tmp_path / "run" / "lr_find.csv")
+    rows = train.read_metrics(str(tmp_path / "run"))
+    assert max(r["lr"] for r in rows if "lr" in r) <= chosen * 2 + 1e-12  # peak scaled by batch 32/16
+    # resuming with the same auto recipe is accepted: the run's recorded LR stands in for "auto"
+    assert cli.main(["train", recipe, "--resume", str(tmp_path / "run"), "--quiet"]) == 0
