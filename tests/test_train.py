@@ -219,3 +219,25 @@ def test_mixed_precision_and_channels_last_train(tmp_path, precision):
     losses = [r["loss"] for r in train.read_metrics(str(tmp_path / "run")) if "val_top1" not in r]
     assert len(losses) == 6 and all(0 < v < 10 for v in losses)
     assert 0.0 <= final["val_top1"] <= 1.0
+
+
+def test_imagefolder_source_trains_and_resumes_exactly(tmp_path, cifar_subset):
+    """ImageNet layout (train/, val/) read file by file: RandomResizedCrop + flip per stage, and the
+    per-image augmentation keyed to its place in training, so a resumed run is bitwise the same."""
+    root = tmp_path / "imagenet-like"
+    root.mkdir()
+    os.symlink(cifar_subset / "train", root / "train")
+    os.symlink(cifar_subset / "test", root / "val")
+    raw = {**TINY, "name": "folder",
+           "data": {"source": "imagefolder", "root": str(root), "num_workers": 0},
+           "model": {"arch": "resnet18"},
+           "schedule": {"kind": "cosine", "warmup": {"duration": "1 steps"}},
+           "stages": [{"epochs": 1, "resolution": 24, "batch_size": 100, "data_fraction": 0.5},
+                      {"epochs": 1, "resolution": 32, "batch_size": 100}],
+           "train": {"device": "cpu", "eval_every": "end", "eval_resolution": 32}}
+    full, final = run(raw, str(tmp_path / "full"))
+    assert full.step == 2 + 4 and full.source.num_classes == 10
+    part, _ = run(raw, str(tmp_path / "part"), stop_at=3)
+    resumed, final2 = run(raw, str(tmp_path / "part"), resume=True)
+    assert_same_state(full, resumed)
+    assert final2["val_top1"] == final["val_top1"]
