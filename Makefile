@@ -3,13 +3,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # torch from this machine's disk (pip caps it at 2.14.1 here); any torch >= 2.4 works elsewhere.
-TORCH  ?= torch>=2.4,<=2.14.1 torchvision>=0.19,<=0.29.1
+TORCH  ?= 'torch>=2.4,<=2.14.1' 'torchvision>=0.19,<=0.29.1'
 
 .PHONY: install demo plan test clean
 
 $(BIN)/cadence: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@

@@ -81,13 +81,22 @@ def cmd_train(args) -> int:
     run_dir = args.resume or args.out or train.default_run_dir(recipe)
     if not args.resume and os.path.exists(os.path.join(run_dir, "checkpoints", "last.pt")):
         raise FieldError("--out", run_dir, "already holds a run (use --resume to continue it)")
+    say = print if setup.dist.main else (lambda *a, **k: None)
     if recipe.optimizer.lr == "auto":
-        setup = train.find_auto_lr(setup, recipe_file, progress=not args.quiet)
-        print(f"optimizer.lr: auto -> {setup.recipe.optimizer.lr:.4g} (LR range test on stage 0)", file=sys.stderr)
-    print(f"{recipe.name}: {len(setup.timeline):,} steps over {len(recipe.stages)} stage(s) on "
-          f"{setup.device}; run directory {run_dir}", file=sys.stderr)
-    trainer, final = train.train(setup, run_dir, resume=bool(args.resume), stop_at=args.max_steps,
-                                 progress=not args.quiet)
+        setup = train.find_auto_lr(setup, recipe_file, progress=not args.quiet and setup.dist.main)
+        say(f"optimizer.lr: auto -> {setup.recipe.optimizer.lr:.4g} (LR range test on stage 0)", file=sys.stderr)
+    ranks = f" x {setup.dist.world} ranks" if setup.dist.active else ""
+    say(f"{recipe.name}: {len(setup.timeline):,} steps over {len(recipe.stages)} stage(s) on "
+        f"{setup.device}{ranks}; run directory {run_dir}", file=sys.stderr)
+    try:
+        trainer, final = train.train(setup, run_dir, resume=bool(args.resume), stop_at=args.max_steps,
+                                     progress=not args.quiet)
+    finally:
+        from cadence import distributed
+
+        distributed.shutdown()
+    if not setup.dist.main:
+        return 0
     if final is None:
         print(f"stopped after step {trainer.step:,} of {len(setup.timeline):,}; continue with: "
               f"cadence train --resume {run_dir}")
@@ -144,6 +153,8 @@ def cmd_find_lr(args) -> int:
     stages = range(len(recipe.stages)) if args.all_stages else [args.stage]
     results = [lr_finder.range_test(trainer, k, start=args.start, end=args.end, steps=args.steps,
                                     mode=args.mode, progress=not args.quiet) for k in stages]
+    if not setup.dist.main:
+        return 0
     o = recipe.optimizer
     for res in results:
         head = f"stage {res.stage} ({res.resolution}px, batch {res.batch_size}, {len(res.lrs)} steps"
@@ -165,6 +176,16 @@ def cmd_find_lr(args) -> int:
     return 0 if any(res.suggestions for res in results) else 1
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number >= 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cadence", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(p)
     p.add_argument("--csv", help="write one row per optimizer step here")
     p.add_argument("--plot", help="write the plan figure (PNG) here")
-    p.add_argument("--world-size", type=int, default=1, help="ranks the global batch is split over")
+    p.add_argument("--world-size", type=_positive_int, default=1, help="ranks the global batch is split over")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("train", help="train a recipe (under torchrun: DDP, batch_size = global batch)")

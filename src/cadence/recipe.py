@@ -125,6 +125,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False
     compile: bool = False
+    sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch
     label_smoothing: float = 0.0
     eval_resolution: int | None = None  # default: the last stage's resolution
     eval_every: Literal["epoch", "stage", "end"] = "epoch"

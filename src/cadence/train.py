@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cadence import checkpoint, data, models
+from cadence import checkpoint, data, distributed, models
 from cadence.errors import FieldError
 from cadence.plan import Timeline, epoch_samples
 from cadence.recipe import Recipe, dump_recipe
@@ -41,6 +41,7 @@ class Setup:
     timeline: Timeline
     device: torch.device
     lr_find: object | None = None  # the range test's RangeResult, when optimizer.lr was auto
+    dist: distributed.Dist = distributed.Dist()
 
 
 def prepare(recipe: Recipe, recipe_file: str | None = None) -> Setup:
@@ -52,10 +53,12 @@ def prepare(recipe: Recipe, recipe_file: str | None = None) -> Setup:
         if recipe.model.num_classes is not None and recipe.model.num_classes != source.num_classes:
             raise FieldError("model.num_classes", recipe.model.num_classes,
                              f"but the data has {source.num_classes} classes")
-        timeline = recipe.timeline(train_samples=len(source.train))
+        world = distributed.from_env().world
+        timeline = recipe.timeline(train_samples=len(source.train), world_size=world)
     except FieldError as e:
         raise e.within(file=recipe_file) from None
-    return Setup(recipe, source, timeline, device)
+    place, device = distributed.init(device)
+    return Setup(recipe, source, timeline, device, dist=place)
 
 
 class MetricsLog:
@@ -85,6 +88,16 @@ class MetricsLog:
         self.tb.close()
 
 
+class NullLog:
+    """What ranks other than 0 log: nothing."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(run_dir: str) -> list[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -97,19 +110,27 @@ class Trainer:
         self.setup, self.recipe, self.run_dir = setup, setup.recipe, run_dir
         r, dev = self.recipe, setup.device
         self.timeline, self.source, self.device = setup.timeline, setup.source, dev
-        torch.manual_seed(r.seed)
-        self.model = models.build_model(r.model, self.source.num_classes, self.source.channels).to(dev)
+        torch.manual_seed(r.seed)  # the same initial weights on every rank
+        model = models.build_model(r.model, self.source.num_classes, self.source.channels)
+        if r.train.sync_bn and setup.dist.active:
+            model = (nn.SyncBatchNorm.convert_sync_batchnorm(model) if dev.type == "cuda"
+                     else distributed.convert_sync_batchnorm(model))
         self.memory_format = torch.channels_last if r.train.channels_last else torch.contiguous_format
-        self.model = self.model.to(memory_format=self.memory_format)
+        self.model = model.to(dev, memory_format=self.memory_format)
         self.optimizer = models.build_optimizer(self.model, r.optimizer)
         self.scheduler = StepScheduler(self.optimizer, self.timeline)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=r.train.precision == "fp16")
         self.autocast = torch.autocast(dev.type, dtype=DTYPES[r.train.precision],
                                        enabled=r.train.precision != "fp32")
         self.criterion = nn.CrossEntropyLoss(label_smoothing=r.train.label_smoothing)
-        self.forward = torch.compile(self.model) if r.train.compile else self.model
+        wrapped = self.model
+        if setup.dist.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            wrapped = DistributedDataParallel(self.model, device_ids=[dev] if dev.type == "cuda" else None)
+        self.forward = torch.compile(wrapped) if r.train.compile else wrapped
         self.prep = data.normalizer(self.source, dev, r.train.channels_last)
-        self.rank, self.world = 0, 1
+        self.rank, self.world, self.main = setup.dist.rank, setup.dist.world, setup.dist.main
         self.step = 0
         self.elapsed = 0.0  # training wall time over all sessions (s)
         self.evals: list[dict] = []
@@ -119,6 +140,8 @@ class Trainer:
     @classmethod
     def create(cls, setup: Setup, run_dir: str) -> Trainer:
         trainer = cls(setup, run_dir)
+        if not setup.dist.main:
+            return trainer
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
         from cadence import lr_finder, report
 
@@ -163,7 +186,8 @@ class Trainer:
         self.step, self.elapsed, self.evals = state["step"], state["elapsed"], state["evals"]
 
     def save(self) -> None:
-        checkpoint.save_atomic(self.state(), os.path.join(self.run_dir, "checkpoints", "last.pt"))
+        if self.main:  # every rank holds the same weights and optimizer state
+            checkpoint.save_atomic(self.state(), os.path.join(self.run_dir, "checkpoints", "last.pt"))
 
     # -- the work ----------------------------------------------------------------------------------
 
@@ -181,7 +205,7 @@ class Trainer:
 
     def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         """Mean of ``value`` over ranks (the value itself on one process)."""
-        return value
+        return distributed.mean_over_ranks(value)
 
     @torch.no_grad()
     def evaluate(self, resolution: int | None = None) -> dict:
@@ -191,15 +215,19 @@ class Trainer:
         self.model.eval()
         total, loss_sum, correct1, correct5 = 0, 0.0, 0, 0
         k = min(5, self.source.num_classes)
-        for x, y in data.eval_loader(self.source, res, r.train.eval_batch_size, r.data.num_workers):
+        for x, y in data.eval_loader(self.source, res, r.train.eval_batch_size, r.data.num_workers,
+                                     rank=self.rank, world=self.world):
             y = y.to(self.device)
             with self.autocast:
-                logits = self.forward(self.prep(x))
+                logits = self.model(self.prep(x))
             loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
             top = logits.topk(k, dim=1).indices
             correct1 += (top[:, 0] == y).sum().item()
             correct5 += (top == y[:, None]).any(dim=1).sum().item()
             total += len(y)
+        sums = distributed.all_reduce_sum(torch.tensor([loss_sum, correct1, correct5, total], dtype=torch.float64,
+                                                       device=self.device))
+        loss_sum, correct1, correct5, total = sums.tolist()
         out = {"val_loss": loss_sum / total, "val_top1": correct1 / total, "resolution": res}
         if self.source.num_classes > 5:
             out["val_top5"] = correct5 / total
@@ -209,9 +237,9 @@ class Trainer:
         """Train to the end of the timeline (or stop after global step ``stop_at``, resumable).
         Returns the final evaluation, or None if stopped early."""
         r, t = self.recipe, self.timeline
-        log = MetricsLog(self.run_dir, self.step)
+        log = MetricsLog(self.run_dir, self.step) if self.main else NullLog()
         end = len(t) if stop_at is None else min(stop_at, len(t))
-        bar = tqdm(total=len(t), initial=self.step, disable=not progress, file=sys.stderr,
+        bar = tqdm(total=len(t), initial=self.step, disable=not (progress and self.main), file=sys.stderr,
                    dynamic_ncols=True, mininterval=0.5, unit="step")
         try:
             while self.step < end:
@@ -249,7 +277,7 @@ class Trainer:
             if s % r.train.log_every == 0 or self.step == last:
                 now = time.perf_counter()
                 self.elapsed += now - tick
-                loss_value = loss.item()
+                loss_value = self.reduce_mean(loss).item()
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(f"loss is {loss_value} at step {s} (lr {lr:.4g}); "
                                              "lower optimizer.lr or use fp32")
@@ -319,7 +347,8 @@ def train(setup: Setup, run_dir: str, *, resume: bool = False, stop_at: int | No
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     final = trainer.fit(stop_at=stop_at, progress=progress)
-    from cadence import report
+    if setup.dist.main:
+        from cadence import report
 
-    report.write_run_report(run_dir)
+        report.write_run_report(run_dir)
     return trainer, final

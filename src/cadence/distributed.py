@@ -1,0 +1,117 @@
+"""torchrun/DDP: process-group setup once, rank-0 helpers, metric reduction, CPU-capable SyncBN.
+
+cadence never launches processes itself: ``torchrun --nproc_per_node=N -m cadence train ...`` sets
+``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``, and :func:`init` joins the group (nccl on CUDA, gloo on
+the CPU). Without those variables everything runs as a single process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def from_env() -> Dist:
+    """What torchrun says about this process (nothing set: one process)."""
+    return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init(device: torch.device) -> tuple[Dist, torch.device]:
+    """Join torchrun's process group, once; returns this process's place and device."""
+    d = from_env()
+    if not d.active:
+        return d, device
+    if device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return d, device
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The mean of ``t`` over all ranks (itself when there is one process)."""
+    if dist.is_available() and dist.is_initialized():
+        return all_reduce_sum(t.detach().float()) / dist.get_world_size()
+    return t
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class SyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm over the global batch, on any device (torch's SyncBatchNorm wants a GPU).
+
+    In training under an initialised process group the per-channel mean and variance are computed
+    over every rank's images with a differentiable all-reduce (two passes: the mean, then the
+    squared deviations from it); otherwise it is plain ``BatchNorm2d``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        c = x.shape[1]
+        count = torch.tensor([x.numel() / c], dtype=x.dtype, device=x.device)
+        total = all_reduce(torch.cat([x.sum(dim=(0, 2, 3)), count]))
+        n = total[c]
+        mean = total[:c] / n
+        centred = x - mean[None, :, None, None]
+        var = all_reduce((centred * centred).sum(dim=(0, 2, 3))) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)), alpha=m)
+                self.num_batches_tracked.add_(1)
+        y = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y
+
+
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Every ``BatchNorm2d`` becomes :class:`SyncBatchNorm`, keeping its parameters and statistics."""
+    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, SyncBatchNorm):
+        new = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                            module.track_running_stats)
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm(child))
+    return module
