@@ -287,18 +287,22 @@ class EpochSampler(Sampler):
         return max(len(self.indices()) // self.world - self.start, 0)
 
 
-def augment_batch(x: torch.Tensor, g: torch.Generator, *, native: int, flip: bool,
+def augment_batch(x: torch.Tensor, keys: list[int], *, native: int, flip: bool,
                   resolution: int) -> torch.Tensor:
     """Vectorised pad-crop (reflect, native/8 px), optional horizontal flip and resize of a uint8
-    batch (N, C, native, native), with all randomness from ``g``. Returns float32 in [0, 255]."""
+    batch (N, C, native, native). Image ``i``'s crop and flip come from RNG seed ``keys[i]`` alone,
+    so an image is augmented the same way whichever batch or rank it lands in. Returns float32 in
+    [0, 255]."""
     n, pad = len(x), max(native // 8, 1)
+    draws = torch.stack([torch.randint(0, 2 * pad + 1, (3,), generator=torch.Generator().manual_seed(k))
+                         for k in keys])
+    oy, ox, fl = draws[:, 0], draws[:, 1], draws[:, 2]
     x = nn.functional.pad(x.float(), (pad, pad, pad, pad), mode="reflect")
-    oy, ox = (torch.randint(0, 2 * pad + 1, (n,), generator=g) for _ in range(2))
     ar = torch.arange(native)
     rows, cols = (oy[:, None] + ar)[:, :, None], (ox[:, None] + ar)[:, None, :]
     x = x.permute(0, 2, 3, 1)[torch.arange(n)[:, None, None], rows, cols].permute(0, 3, 1, 2)
     if flip:
-        x = torch.where((torch.rand(n, generator=g) < 0.5)[:, None, None, None], x.flip(3), x)
+        x = torch.where((fl % 2 == 1)[:, None, None, None], x.flip(3), x)
     return resize_batch(x, resolution)
 
 
@@ -310,8 +314,8 @@ def resize_batch(x: torch.Tensor, resolution: int) -> torch.Tensor:
 
 
 class MemoryLoader:
-    """Batches of an in-memory source for one rank, augmented a batch at a time; the RNG of a batch
-    is keyed by its first sample's place in the epoch, so resuming mid-epoch changes nothing."""
+    """Batches of an in-memory source for one rank, augmented a batch at a time (vectorised), each
+    image by its own key, so resuming mid-epoch or changing the world size changes nothing."""
 
     def __init__(self, source: Source, stage: Stage, sampler: EpochSampler, local_batch: int, drop_last: bool):
         self.source, self.stage, self.sampler = source, stage, sampler
@@ -325,9 +329,8 @@ class MemoryLoader:
             if len(chunk) < self.local and self.drop_last:
                 return
             idx = torch.tensor([i for i, _ in chunk])
-            g = torch.Generator().manual_seed(chunk[0][1])
-            x = augment_batch(data_.images[idx], g, native=self.source.native_size, flip=self.source.flip,
-                              resolution=self.stage.resolution)
+            x = augment_batch(data_.images[idx], [k for _, k in chunk], native=self.source.native_size,
+                              flip=self.source.flip, resolution=self.stage.resolution)
             yield x, data_.labels[idx]
 
     def __len__(self) -> int:

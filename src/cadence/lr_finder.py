@@ -66,7 +66,7 @@ class Suggestions:
     steepest: float
     minimum_div_10: float
     valley: float
-    recommended: float  # max_lr for a one-cycle: halfway (in log) from the steepest descent to the minimum
+    recommended: float  # max_lr for a one-cycle: half the LR at which the smoothed loss bottoms out
     reason: str = ""
 
     def as_dict(self) -> dict:
@@ -91,10 +91,10 @@ def suggest(lrs: list[float], losses: list[float], *, beta: float = 0.9, min_dro
             f"the loss diverges at once (lowest at LR {lrs[best]:.2g}, step {best}): start the range lower")
     curve_lrs, curve = lrs[: best + 1], s[: best + 1]
     steep, mdiv, vall = steepest(curve_lrs, curve), minimum_div_10(lrs, s), valley(curve_lrs, curve)
-    # One-cycle spends only a short time at its peak, so it tolerates more than the steepest point
-    # (a good constant LR); Smith's advice is "close to where the loss stops falling". Halfway in log
-    # between the two keeps clear of the minimum, where the loss is about to blow up.
-    return Suggestions(steep, mdiv, vall, recommended=math.sqrt(steep * lrs[best]))
+    # One-cycle visits its peak only briefly, so it tolerates LRs close to where the loss stops
+    # falling (Smith 2018), well above the steepest point (a good constant LR). Half the minimum's LR
+    # keeps a margin from the blow-up; the minimum is also the steadiest point of a noisy curve.
+    return Suggestions(steep, mdiv, vall, recommended=lrs[best] / 2)
 
 
 def lr_at(i: int, steps: int, start: float, end: float, mode: str) -> float:
