@@ -54,7 +54,7 @@ def test_a_loss_that_never_falls_gets_a_message_not_a_number():
     with pytest.raises(lr_finder.RangeTestError, match="never falls"):
         lr_finder.suggest(GRID[:100], flat)
     rising = [2.3 + 0.05 * i for i in range(100)]
-    with pytest.raises(lr_finder.RangeTestError, match="never falls"):
+    with pytest.raises(lr_finder.RangeTestError, match="diverges at once"):
         lr_finder.suggest(GRID[:100], rising)
 
 

@@ -82,13 +82,22 @@ def suggest(lrs: list[float], losses: list[float], *, beta: float = 0.9, min_dro
         raise RangeTestError(f"the range test recorded {len(losses)} steps; it needs at least 5")
     s = smooth(losses, beta)
     best = min(range(len(s)), key=s.__getitem__)
-    if s[best] > s[0] * (1 - min_drop):
-        raise RangeTestError(
-            f"the loss never falls (best smoothed loss {s[best]:.4g} vs {s[0]:.4g} at the start, "
-            f"LR {lrs[0]:.2g}..{lrs[-1]:.2g}): check the data and model, or start the range lower")
     if best < 3:
         raise RangeTestError(
             f"the loss diverges at once (lowest at LR {lrs[best]:.2g}, step {best}): start the range lower")
+    # "Falls" means: the raw losses around the minimum sit clearly below those at the start, by
+    # min_drop and by three standard deviations of the starting losses (batch-to-batch noise).
+    k = max(3, len(losses) // 5)
+    head = losses[:k]
+    mu0 = sum(head) / k
+    sd0 = math.sqrt(sum((v - mu0) ** 2 for v in head) / (k - 1))
+    around = losses[max(0, best - k // 2): best + 1]  # approaching the minimum, not past it
+    drop = mu0 - sum(around) / len(around)
+    if drop <= max(min_drop * mu0, 3 * sd0):
+        raise RangeTestError(
+            f"the loss never falls (mean {mu0:.4g} over the first {k} steps, {mu0 - drop:.4g} around "
+            f"the lowest point; LR {lrs[0]:.2g}..{lrs[-1]:.2g}): check the data and model, or start the "
+            "range higher")
     curve_lrs, curve = lrs[: best + 1], s[: best + 1]
     steep, mdiv, vall = steepest(curve_lrs, curve), minimum_div_10(lrs, s), valley(curve_lrs, curve)
     # One-cycle visits its peak only briefly, so it tolerates LRs close to where the loss stops
