@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CIFAR=${1:?give the CIFAR-10 ImageFolder root (train/, test/)}
 OUT=${OUT:-/tmp/cadence-bench-lr}
-mkdir -p "$OUT"
+rm -rf "$OUT"; mkdir -p "$OUT"
 C=.venv/bin/cadence
 for seed in 0 1 2; do
   echo "== demo find-lr seed $seed"
