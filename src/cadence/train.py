@@ -264,8 +264,8 @@ class Trainer:
         loader = data.stage_loader(
             self.source, stage, epoch=e, seed=r.seed, drop_last=r.data.drop_last,
             epoch_samples=epoch_samples(len(self.source.train), stage.data_fraction),
-            num_workers=r.data.num_workers, skip_batches=self.step - first,
-            pin_memory=self.device.type == "cuda")
+            num_workers=r.data.num_workers, skip_batches=self.step - first, rank=self.rank,
+            world=self.world, pin_memory=self.device.type == "cuda")
         bar.set_description(f"stage {k} epoch {e} {stage.resolution}px")
         tick, images = time.perf_counter(), 0
         for x, y in loader:

@@ -1,0 +1,90 @@
+"""torchrun with 2 CPU processes (gloo) against 1 process with the same global batch: same
+parameters (to 1e-5), same per-step LR; resume under 2 processes and from 2 processes to 1."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cadence import train
+from test_train import TINY, write_recipe
+
+RECIPE = copy.deepcopy(TINY)
+RECIPE["train"] = {"device": "cpu", "eval_every": "stage", "sync_bn": True}
+
+
+def torchrun(nproc: int, *args: str, cwd: str) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "cadence", *args, "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
+def single(*args: str, cwd: str) -> None:
+    p = subprocess.run([sys.executable, "-m", "cadence", *args, "--quiet"], cwd=cwd, capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
+def weights(run_dir) -> dict:
+    return torch.load(os.path.join(run_dir, "checkpoints", "last.pt"), weights_only=False)
+
+
+def assert_close(a: dict, b: dict, rtol: float = 1e-5) -> None:
+    assert a["step"] == b["step"]
+    for name, x in a["model"].items():
+        y = b["model"][name]
+        if x.is_floating_point():
+            scale = max(x.abs().max().item(), 1e-12)
+            assert (x - y).abs().max().item() <= rtol * scale, name
+        else:
+            assert torch.equal(x, y), name
+
+
+def lrs(run_dir) -> list[float]:
+    return [r["lr"] for r in train.read_metrics(str(run_dir)) if "val_top1" not in r]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ddp")
+    recipe = write_recipe(d, RECIPE)
+    single("train", recipe, "--out", str(d / "one"), cwd=str(d))
+    torchrun(2, "train", recipe, "--out", str(d / "two"), cwd=str(d))
+    return d, recipe
+
+
+def test_two_ranks_match_one_process(runs):
+    d, _ = runs
+    one, two = weights(d / "one"), weights(d / "two")
+    assert one["step"] == two["step"] == 12
+    assert any(k.endswith("running_mean") for k in two["model"])  # SyncBN statistics came back as BN's
+    assert_close(one, two)
+    assert lrs(d / "one") == lrs(d / "two")
+    evals_one = [r for r in train.read_metrics(str(d / "one")) if "val_top1" in r]
+    evals_two = [r for r in train.read_metrics(str(d / "two")) if "val_top1" in r]
+    assert [r["step"] for r in evals_one] == [r["step"] for r in evals_two] == [6, 12]
+    assert abs(evals_one[-1]["val_loss"] - evals_two[-1]["val_loss"]) < 1e-4
+
+
+def test_resume_under_two_ranks(runs):
+    d, recipe = runs
+    torchrun(2, "train", recipe, "--out", str(d / "two-resumed"), "--max-steps", "4", cwd=str(d))
+    assert weights(d / "two-resumed")["step"] == 4
+    torchrun(2, "train", "--resume", str(d / "two-resumed"), cwd=str(d))
+    assert_close(weights(d / "two"), weights(d / "two-resumed"), rtol=1e-6)
+    assert lrs(d / "two-resumed") == lrs(d / "two")
+
+
+def test_resume_from_two_ranks_on_one(runs):
+    d, recipe = runs
+    torchrun(2, "train", recipe, "--out", str(d / "two-then-one"), "--max-steps", "7", cwd=str(d))
+    single("train", "--resume", str(d / "two-then-one"), cwd=str(d))
+    assert_close(weights(d / "one"), weights(d / "two-then-one"))
+    assert lrs(d / "two-then-one") == lrs(d / "one")
