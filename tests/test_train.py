@@ -17,7 +17,11 @@ from cadence.recipe import load_recipe, recipe_from_dict
 from cadence.report import read_plan_csv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CIFAR_TAR = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpg.tar.gz")
+# The shared CIFAR-10 JPEGs: $CADENCE_CIFAR10_TAR, or ../shared/data beside the checkout (never in it).
+CIFAR_TAR = os.environ.get("CADENCE_CIFAR10_TAR") or next(
+    (p for p in (os.path.join(ROOT, "..", "shared", "data", "cifar10-jpg.tar.gz"),
+                 "/work/shared/data/cifar10-jpg.tar.gz") if os.path.exists(p)),
+    os.path.join(ROOT, "..", "shared", "data", "cifar10-jpg.tar.gz"))
 
 TINY = {
     "name": "tiny",

@@ -176,25 +176,22 @@ def cmd_find_lr(args) -> int:
     return 0 if any(res.suggestions for res in results) else 1
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number >= 1")
-    return value
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, exit 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cadence", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="cadence", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("plan", help="print and draw the whole training plan; no data or training needed")
     _recipe_args(p)
     p.add_argument("--csv", help="write one row per optimizer step here")
     p.add_argument("--plot", help="write the plan figure (PNG) here")
-    p.add_argument("--world-size", type=_positive_int, default=1, help="ranks the global batch is split over")
+    p.add_argument("--world-size", type=int, default=1, help="ranks the global batch is split over")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("train", help="train a recipe (under torchrun: DDP, batch_size = global batch)")
