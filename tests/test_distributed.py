@@ -88,3 +88,18 @@ def test_resume_from_two_ranks_on_one(runs):
     single("train", "--resume", str(d / "two-then-one"), cwd=str(d))
     assert_close(weights(d / "one"), weights(d / "two-then-one"))
     assert lrs(d / "two-then-one") == lrs(d / "one")
+
+
+def test_find_lr_under_torchrun_matches_one_process(runs):
+    d, recipe = runs
+    args = ["find-lr", recipe, "--steps", "20", "--start", "1e-3", "--end", "5"]
+    single(*args, "--out", str(d / "lr-one"), cwd=str(d))
+    torchrun(2, *args, "--out", str(d / "lr-two"), cwd=str(d))
+
+    def losses(folder):
+        with open(os.path.join(folder, "lr_find.csv")) as f:
+            return [float(line.split(",")[5]) for line in f.readlines()[1:]]
+
+    one, two = losses(d / "lr-one"), losses(d / "lr-two")
+    assert len(one) == len(two) >= 6
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-4  # the all-reduced loss of the same batches

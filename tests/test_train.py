@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 import torch
@@ -245,3 +247,43 @@ def test_imagefolder_source_trains_and_resumes_exactly(tmp_path, cifar_subset):
     resumed, final2 = run(raw, str(tmp_path / "part"), resume=True)
     assert_same_state(full, resumed)
     assert final2["val_top1"] == final["val_top1"]
+
+
+def test_no_weight_decay_on_norm_and_bias():
+    from cadence.models import build_model, build_optimizer
+    from cadence.recipe import ModelConfig, OptimizerConfig
+
+    model = build_model(ModelConfig(arch="resnet18"), num_classes=10)
+    groups = build_optimizer(model, OptimizerConfig(weight_decay=5e-5)).param_groups
+    decay = {id(p) for p in groups[0]["params"]}
+    assert groups[0]["weight_decay"] == 5e-5 and groups[1]["weight_decay"] == 0.0
+    for name, p in model.named_parameters():
+        assert (id(p) in decay) == (p.ndim > 1), name  # conv/linear weights decay; BN and biases don't
+    everything = build_optimizer(model, OptimizerConfig(weight_decay=5e-5, decay_norm_and_bias=True))
+    assert len(everything.param_groups) == 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_finishes_the_step_saves_and_resumes_exactly(tmp_path, sig):
+    raw = {**TINY, "stages": [{"epochs": 6, "resolution": 12, "batch_size": 16, "data_fraction": 0.5},
+                              {"epochs": 6, "resolution": 16, "batch_size": 32}]}
+    recipe = write_recipe(tmp_path, raw)
+    run_dir = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "cadence", "train", recipe, "--out", str(run_dir), "--quiet"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        time.sleep(0.05)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + sig, err
+    assert "--resume" in err and "Traceback" not in err
+    saved = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    steps_logged = [r["step"] for r in train.read_metrics(str(run_dir)) if "val_top1" not in r]
+    assert 3 <= saved["step"] < 36 and steps_logged[-1] == saved["step"] - 1
+    assert cli.main(["train", "--resume", str(run_dir), "--quiet"]) == 0
+    full, _ = run(raw, str(tmp_path / "full"))
+    resumed = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    for name, x in full.model.state_dict().items():
+        assert torch.equal(x, resumed["model"][name]), name

@@ -91,6 +91,10 @@ def cmd_train(args) -> int:
     try:
         trainer, final = train.train(setup, run_dir, resume=bool(args.resume), stop_at=args.max_steps,
                                      progress=not args.quiet)
+    except train.Interrupted as e:
+        say(f"cadence: {e}: checkpoint written; continue with: cadence train --resume {run_dir}",
+            file=sys.stderr)
+        return 128 + e.signum
     finally:
         from cadence import distributed
 

@@ -6,7 +6,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -72,7 +74,7 @@ class MetricsLog:
             keep = [r for r in rows if r["step"] < resume_step or ("val_top1" in r and r["step"] <= resume_step)]
             with open(self.path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in keep)
-        self.file = open(self.path, "a")
+        self.file = open(self.path, "a", buffering=1)  # line-buffered: tail -f works, a kill loses nothing
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=resume_step or None)
@@ -86,6 +88,35 @@ class MetricsLog:
     def close(self) -> None:
         self.file.close()
         self.tb.close()
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived: the current step finished and a checkpoint was written."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"{signal.Signals(signum).name} at step {step}")
+        self.signum, self.step = signum, step
+
+
+class _Signals:
+    """Turn SIGINT/SIGTERM into a flag the loop checks between steps (main thread only)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 class NullLog:
@@ -131,6 +162,7 @@ class Trainer:
         self.forward = torch.compile(wrapped) if r.train.compile else wrapped
         self.prep = data.normalizer(self.source, dev, r.train.channels_last)
         self.rank, self.world, self.main = setup.dist.rank, setup.dist.world, setup.dist.main
+        self.signals = _Signals()
         self.step = 0
         self.elapsed = 0.0  # training wall time over all sessions (s)
         self.evals: list[dict] = []
@@ -242,9 +274,13 @@ class Trainer:
         bar = tqdm(total=len(t), initial=self.step, disable=not (progress and self.main), file=sys.stderr,
                    dynamic_ncols=True, mininterval=0.5, unit="step")
         try:
-            while self.step < end:
-                self._run_epoch(log, bar, end)
+            with _Signals() as self.signals:
+                while self.step < end and self.signals.received is None:
+                    self._run_epoch(log, bar, end)
             bar.close()
+            if self.signals.received is not None:
+                self.save()
+                raise Interrupted(self.signals.received, self.step)
             if self.step < len(t):
                 self.save()
                 return None
@@ -290,7 +326,7 @@ class Trainer:
             bar.update(1)
             if r.train.checkpoint_every and self.step % r.train.checkpoint_every == 0 and self.step < last:
                 self.save()
-            if self.step >= end and self.step < last:
+            if (self.step >= end or self.signals.received is not None) and self.step < last:
                 return
         if self.step != last:
             raise RuntimeError(f"epoch {e} yielded {self.step - first} batches; the plan has {last - first}")
