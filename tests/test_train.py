@@ -287,3 +287,21 @@ def test_a_signal_finishes_the_step_saves_and_resumes_exactly(tmp_path, sig):
     resumed = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
     for name, x in full.model.state_dict().items():
         assert torch.equal(x, resumed["model"][name]), name
+
+
+def test_checkpoints_load_weights_only_and_a_malicious_pickle_is_refused(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, TINY)
+    assert cli.main(["train", recipe, "--out", str(tmp_path / "r"), "--quiet", "--max-steps", "2"]) == 0
+    state = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=True)  # plain data only
+    assert state["step"] == 2 and state["recipe"]["name"] == "tiny"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"model": Evil()}, tmp_path / "r" / "checkpoints" / "last.pt")
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(tmp_path / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "refused" in err[0] and "last.pt" in err[0]
+    assert not (tmp_path / "pwned").exists()

@@ -81,6 +81,11 @@ def cmd_train(args) -> int:
     run_dir = args.resume or args.out or train.default_run_dir(recipe)
     if not args.resume and os.path.exists(os.path.join(run_dir, "checkpoints", "last.pt")):
         raise FieldError("--out", run_dir, "already holds a run (use --resume to continue it)")
+    state = None
+    if args.resume:  # read (and vet) the checkpoint before saying or doing anything
+        from cadence import checkpoint
+
+        state = checkpoint.load(os.path.join(run_dir, "checkpoints", "last.pt"))
     say = print if setup.dist.main else (lambda *a, **k: None)
     if recipe.optimizer.lr == "auto":
         setup = train.find_auto_lr(setup, recipe_file, progress=not args.quiet and setup.dist.main)
@@ -90,7 +95,7 @@ def cmd_train(args) -> int:
         f"{setup.device}{ranks}; run directory {run_dir}", file=sys.stderr)
     try:
         trainer, final = train.train(setup, run_dir, resume=bool(args.resume), stop_at=args.max_steps,
-                                     progress=not args.quiet)
+                                     progress=not args.quiet, state=state)
     except train.Interrupted as e:
         say(f"cadence: {e}: checkpoint written; continue with: cadence train --resume {run_dir}",
             file=sys.stderr)

@@ -192,9 +192,9 @@ class Trainer:
         return trainer
 
     @classmethod
-    def resume(cls, setup: Setup, run_dir: str) -> Trainer:
+    def resume(cls, setup: Setup, run_dir: str, state: dict | None = None) -> Trainer:
         trainer = cls(setup, run_dir)
-        trainer.load_state(checkpoint.load(os.path.join(run_dir, "checkpoints", "last.pt")))
+        trainer.load_state(state or checkpoint.load(os.path.join(run_dir, "checkpoints", "last.pt")))
         return trainer
 
     def state(self) -> dict:
@@ -372,12 +372,12 @@ def default_run_dir(recipe: Recipe, root: str = "runs") -> str:
 
 
 def train(setup: Setup, run_dir: str, *, resume: bool = False, stop_at: int | None = None,
-          progress: bool = True) -> tuple[Trainer, dict | None]:
+          progress: bool = True, state: dict | None = None) -> tuple[Trainer, dict | None]:
     """Train (or resume) into ``run_dir``; writes curves and the report at the end. A new run's
     directory is removed again if building the model fails before the first step."""
     fresh = not resume and not os.path.exists(run_dir)
     try:
-        trainer = Trainer.resume(setup, run_dir) if resume else Trainer.create(setup, run_dir)
+        trainer = Trainer.resume(setup, run_dir, state) if resume else Trainer.create(setup, run_dir)
     except BaseException:
         if fresh:
             shutil.rmtree(run_dir, ignore_errors=True)
