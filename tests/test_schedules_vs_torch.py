@@ -217,6 +217,13 @@ def test_cosine_restarts_matches_cosineannealingwarmrestarts(steps, batch, progr
         assert timeline.lr[t0] == pytest.approx(lr, rel=REL)
 
 
+def torch_momentum_kwargs(cycle):
+    """cadence's ``momentum: [max, min]`` as OneCycleLR/CyclicLR arguments."""
+    if cycle is None:
+        return {"cycle_momentum": False}
+    return {"cycle_momentum": True, "max_momentum": cycle[0], "base_momentum": cycle[1]}
+
+
 @settings(max_examples=60)
 @given(steps=st.integers(10, 240), batch=batch_st, progress=progress_st, lr=lr_st, momentum=momentum_st,
        three_phase=st.booleans(), anneal=st.sampled_from(["cos", "linear"]), data=st.data(),
@@ -232,9 +239,7 @@ def test_one_cycle_matches_onecyclelr(steps, batch, progress, lr, momentum, thre
         schedule["momentum"] = cycle
 
     def make(o):
-        kwargs = {"cycle_momentum": cycle is not None}
-        if cycle is not None:
-            kwargs.update(max_momentum=cycle[0], base_momentum=cycle[1])
+        kwargs = torch_momentum_kwargs(cycle)
         return OneCycleLR(o, max_lr=lr, total_steps=steps, pct_start=pct_start, anneal_strategy=anneal,
                           div_factor=div_factor, final_div_factor=final_div_factor,
                           three_phase=three_phase, **kwargs)
@@ -264,9 +269,7 @@ def test_cyclic_matches_cycliclr(steps, batch, progress, lr, momentum, mode, dat
         schedule["momentum"] = cycle
 
     def make(o):
-        kwargs = {"cycle_momentum": cycle is not None}
-        if cycle is not None:
-            kwargs.update(max_momentum=cycle[0], base_momentum=cycle[1])
+        kwargs = torch_momentum_kwargs(cycle)
         return CyclicLR(o, base_lr=base_factor * lr, max_lr=lr, step_size_up=up, step_size_down=down,
                         mode=mode, gamma=gamma, **kwargs)
 

@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from cadence.lr_finder import smooth  # noqa: E402
 from cadence.plan import Timeline  # noqa: E402
 
 STAGE_COLOR = "0.55"
@@ -104,15 +105,6 @@ def plan_table(timeline: Timeline) -> str:
 # After training: curves and the HTML report
 
 
-def _ema(values: list[float], beta: float = 0.9) -> list[float]:
-    """Bias-corrected exponential moving average."""
-    out, avg = [], 0.0
-    for i, v in enumerate(values, 1):
-        avg = beta * avg + (1 - beta) * v
-        out.append(avg / (1 - beta ** i))
-    return out
-
-
 def _read_jsonl(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -130,7 +122,7 @@ def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
         xs = [r[key] for r in train]
         losses = [r["loss"] for r in train]
         ax.plot(xs, losses, color="C0", alpha=0.25, linewidth=0.8, label="per step")
-        ax.plot(xs, _ema(losses), color="C0", linewidth=1.5, label="smoothed")
+        ax.plot(xs, smooth(losses), color="C0", linewidth=1.5, label="smoothed")
         ax.set_ylabel("training loss")
         ax.legend(loc="upper right", fontsize=8)
         ax = axes[1][c]
