@@ -5,10 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CIFAR=${1:?give the CIFAR-10 ImageFolder root (train/, test/)}
 OUT=${OUT:-/tmp/cadence-bench-lr}
-if [ "${PART:-all}" = all ]; then rm -rf "$OUT"; fi; mkdir -p "$OUT"
+rm -rf "$OUT"/demo-*; mkdir -p "$OUT"
 C=.venv/bin/cadence
-PART=${PART:-all}  # all | cifar
-if [ "$PART" = all ]; then
+PART=${PART:-all}  # all | demo | cifar
+if [ "$PART" != cifar ]; then
 for seed in 0 1 2; do
   echo "== demo find-lr seed $seed"
   $C find-lr recipes/demo.yaml --set seed=$seed --quiet --out "$OUT/demo-$seed" | grep -E "stage|recommended"
@@ -20,6 +20,7 @@ for seed in 0 1 2; do
   $C train recipes/demo.yaml --set seed=$seed --set optimizer.lr=auto --quiet --out "$OUT/demo-auto-$seed" 2>&1 | grep -E "held|auto ->"
 done
 fi
+[ "$PART" = demo ] && exit 0
 for seed in 0 1 2; do
   echo "== cifar10-progressive find-lr seed $seed"
   $C find-lr recipes/cifar10-progressive.yaml --set seed=$seed --set data.root="$CIFAR" --steps 100 --start 1e-4 --end 10 --quiet --out "$OUT/cifar-$seed" | grep -E "stage|recommended"

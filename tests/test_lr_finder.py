@@ -46,7 +46,19 @@ def test_rules_find_the_known_answers(steep, minimum):
     v = lr_finder.valley(GRID, losses)  # the whole curve falls from the start to the minimum
     assert abs(math.log(v) - (math.log(GRID[0]) + math.log(true_min)) / 2) <= step
     s = lr_finder.suggest(GRID, losses, beta=0.0)  # beta 0: no smoothing, exact rules
-    assert s.recommended == pytest.approx(true_min / 2)
+    # the first LR by which 90% of the fall (start to minimum) is done
+    fallen = [(losses[0] - v) / (losses[0] - min(losses)) for v in losses]
+    first = next(i for i, f in enumerate(fallen) if f >= 0.9)
+    assert s.recommended == GRID[first]
+    assert s.steepest < s.recommended <= true_min
+
+
+def test_bottoming_out_ignores_where_on_a_plateau_the_minimum_falls():
+    # a fall to a long plateau whose lowest point is noise: early (a) or late (b)
+    fall = [3.0 - 0.01 * i for i in range(100)] + [2.0] * 100
+    a, b = list(fall), list(fall)
+    a[110], b[190] = 1.999, 1.999
+    assert lr_finder.bottoming_out(GRID, a) == lr_finder.bottoming_out(GRID, b) == GRID[91]  # 2.09 <= 2.0991
 
 
 def test_a_loss_that_never_falls_gets_a_message_not_a_number():

@@ -61,12 +61,24 @@ def valley(lrs: list[float], losses: list[float]) -> float:
     return math.exp((math.log(lrs[start]) + math.log(lrs[end])) / 2)
 
 
+def bottoming_out(lrs: list[float], losses: list[float], fall: float = 0.9) -> float:
+    """The first LR at which the loss has made ``fall`` of its whole fall (start to minimum).
+
+    One-cycle visits its peak only briefly, so it tolerates LRs close to where the loss stops
+    falling (Smith 2018), well above the steepest point (a good constant LR). The minimum itself is
+    a poor pick: on a plateau the lowest point wanders from seed to seed by decades, while the point
+    where the fall is 90% done does not."""
+    best = min(range(len(losses)), key=losses.__getitem__)
+    level = losses[best] + (1 - fall) * (losses[0] - losses[best])
+    return lrs[next(i for i in range(best + 1) if losses[i] <= level)]
+
+
 @dataclass
 class Suggestions:
     steepest: float
     minimum_div_10: float
     valley: float
-    recommended: float  # max_lr for a one-cycle: half the LR at which the smoothed loss bottoms out
+    recommended: float  # max_lr for a one-cycle: where the smoothed loss has made 90% of its fall
     reason: str = ""
 
     def as_dict(self) -> dict:
@@ -100,10 +112,7 @@ def suggest(lrs: list[float], losses: list[float], *, beta: float = 0.9, min_dro
             "range higher")
     curve_lrs, curve = lrs[: best + 1], s[: best + 1]
     steep, mdiv, vall = steepest(curve_lrs, curve), minimum_div_10(lrs, s), valley(curve_lrs, curve)
-    # One-cycle visits its peak only briefly, so it tolerates LRs close to where the loss stops
-    # falling (Smith 2018), well above the steepest point (a good constant LR). Half the minimum's LR
-    # keeps a margin from the blow-up; the minimum is also the steadiest point of a noisy curve.
-    return Suggestions(steep, mdiv, vall, recommended=lrs[best] / 2)
+    return Suggestions(steep, mdiv, vall, recommended=bottoming_out(lrs, s))
 
 
 def lr_at(i: int, steps: int, start: float, end: float, mode: str) -> float:
