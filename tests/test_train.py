@@ -305,3 +305,13 @@ def test_checkpoints_load_weights_only_and_a_malicious_pickle_is_refused(tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "refused" in err[0] and "last.pt" in err[0]
     assert not (tmp_path / "pwned").exists()
+
+
+def test_divergence_stops_with_one_clear_line(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, TINY)
+    code = cli.main(["train", recipe, "--out", str(tmp_path / "r"), "--quiet", "--set", "optimizer.lr=1e12"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert "loss is nan at step" in err[-1] or "loss is inf at step" in err[-1]
+    assert "lower optimizer.lr" in err[-1]
+    assert (tmp_path / "r" / "recipe.yaml").exists()  # the run directory is kept

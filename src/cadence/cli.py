@@ -100,6 +100,9 @@ def cmd_train(args) -> int:
         say(f"cadence: {e}: checkpoint written; continue with: cadence train --resume {run_dir}",
             file=sys.stderr)
         return 128 + e.signum
+    except FloatingPointError as e:  # divergence: the last good checkpoint is kept
+        say(f"cadence: error: {e}; the last checkpoint in {run_dir} is from before it", file=sys.stderr)
+        return 1
     finally:
         from cadence import distributed
 
