@@ -26,6 +26,8 @@ def cmd_plan(args) -> int:
         raise e.within(file=args.recipe) from None
     print(f"{recipe.name}: {recipe.data.train_size():,} training images, "
           f"schedule {recipe.schedule.spec.kind} ({recipe.schedule.scope}, by {recipe.schedule.progress})")
+    if recipe.optimizer.lr == "auto":
+        print("optimizer.lr is auto: the LRs below are multiples of the peak the range test will choose")
     print(report.plan_table(timeline))
     if args.csv:
         report.write_plan_csv(timeline, args.csv)
