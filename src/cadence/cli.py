@@ -222,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(p)
     p.add_argument("--stage", type=int, default=0, help="stage whose resolution, batch and data to use")
     p.add_argument("--all-stages", action="store_true", help="one curve per stage")
-    p.add_argument("--start", type=float, default=1e-6, help="first LR")
-    p.add_argument("--end", type=float, default=10.0, help="last LR")
+    # --start-lr/--end-lr under torchrun: its parser would take "--start" for "--start-method"
+    p.add_argument("--start", "--start-lr", dest="start", type=float, default=1e-6, help="first LR")
+    p.add_argument("--end", "--end-lr", dest="end", type=float, default=10.0, help="last LR")
     p.add_argument("--steps", type=int, default=100, help="batches in the range")
     p.add_argument("--mode", choices=["exp", "linear"], default="exp", help="how the LR rises")
     p.add_argument("--out", default=".", help="folder for lr_find.csv and lr_find.png")
