@@ -23,5 +23,5 @@ fi
 [ "$PART" = demo ] && exit 0
 for seed in 0 1 2; do
   echo "== cifar10-progressive find-lr seed $seed"
-  $C find-lr recipes/cifar10-progressive.yaml --set seed=$seed --set data.root="$CIFAR" --steps 100 --start 1e-4 --end 10 --quiet --out "$OUT/cifar-$seed" | grep -E "stage|recommended"
+  $C find-lr recipes/cifar10-progressive.yaml --set seed=$seed --set data.root="$CIFAR" --steps ${CIFAR_STEPS:-100} --start 1e-4 --end 10 --quiet --out "$OUT/cifar-$seed" | grep -E "stage|recommended"
 done
