@@ -197,6 +197,67 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def cmd_compare(args) -> int:
+    """Recipes (plans; trained with --seeds unless --plan-only) or finished run directories."""
+    import time
+    from cadence import report
+    from cadence.recipe import load_recipe
+
+    runs = [p for p in args.items if os.path.isdir(p)]
+    recipes = [p for p in args.items if not os.path.isdir(p)]
+    if runs and recipes:
+        raise FieldError("ITEMS", args.items, "give recipes or run directories, not both")
+    for d in runs:
+        if not os.path.exists(os.path.join(d, "metrics.jsonl")):
+            raise FieldError("ITEMS", d, "is not a finished run directory (no metrics.jsonl)")
+    loaded = [load_recipe(p, args.sets) for p in recipes]
+    timelines = {}
+    for r, p in zip(loaded, recipes):
+        try:
+            timelines[r.name] = r.timeline()
+        except FieldError as e:
+            raise e.within(file=p) from None
+    out = args.out or os.path.join("runs", "compare-" + time.strftime("%Y%m%d-%H%M%S"))
+    if args.plan_only:
+        if runs or not recipes:
+            raise FieldError("--plan-only", args.items, "compares recipes' plans: give recipe files")
+        plot = args.plot or os.path.join(out, "plans.png")
+        os.makedirs(os.path.dirname(os.path.abspath(plot)), exist_ok=True)
+        report.plot_plans_overlay(timelines, plot)
+        for name, t in timelines.items():
+            print(f"{name}: {len(t):,} steps, {t.samples_seen[-1]:,} images, peak LR {max(t.lr):.4g}")
+        print(f"wrote {plot}")
+        return 0
+    if recipes:  # train every recipe for every seed
+        from cadence import train
+
+        for r, p in zip(loaded, recipes):
+            train.prepare(r, p)  # all bad input before any training
+        for r, p in zip(loaded, recipes):
+            for seed in range(args.seeds):
+                run_dir = os.path.join(out, f"{r.name}-seed{seed}")
+                if os.path.exists(os.path.join(run_dir, "checkpoints", "last.pt")):
+                    print(f"{run_dir}: already trained, reusing it")
+                else:
+                    setup = train.prepare(load_recipe(p, args.sets + [f"seed={seed}"]), p)
+                    train.train(setup, run_dir, progress=not args.quiet)
+                runs.append(run_dir)
+    else:
+        for d in runs:
+            r = load_recipe(os.path.join(d, "recipe.yaml"))
+            timelines[r.name] = r.timeline()
+    os.makedirs(out, exist_ok=True)
+    thresholds = tuple(args.thresholds)
+    summary = report.summarize_runs(runs, thresholds)
+    report.plot_plans_overlay(timelines, os.path.join(out, "plans.png"))
+    report.plot_runs_overlay(summary, os.path.join(out, "accuracy.png"))
+    for name, s in sorted(summary.items(), key=lambda kv: -kv[1]["top1_mean"]):
+        print(f"{name}: top-1 {100 * s['top1_mean']:.2f} +- {100 * s['top1_std']:.2f}% over {s['n']} "
+              f"run(s), {s['time_mean']:.1f} s")
+    print(f"wrote {report.write_compare_html(summary, out, thresholds)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cadence", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -237,6 +298,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the run's recipe, e.g. --set data.root=...")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="compare recipes (plans, or trained over seeds) or finished runs")
+    p.add_argument("items", nargs="+", help="recipe files, or finished run directories")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field in every recipe (e.g. data.root=...)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per recipe when training")
+    p.add_argument("--plan-only", action="store_true", help="compare the plans only: no data, no training")
+    p.add_argument("--plot", help="with --plan-only: where to write the figure")
+    p.add_argument("--out", help="folder for runs, figures and compare.html")
+    p.add_argument("--thresholds", type=float, nargs="*", default=[], metavar="ACC",
+                   help="held-out top-1 levels (0..1) whose time to reach is reported")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="redraw a run's curves.png and report.html")
     p.add_argument("run_dir")

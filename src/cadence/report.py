@@ -195,3 +195,109 @@ td{{padding-right:2em}}pre{{background:#f4f4f4;padding:1em}}</style></head><body
     with open(path, "w") as f:
         f.write(page)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparisons
+
+
+def plot_plans_overlay(timelines: dict[str, Timeline], path: str) -> None:
+    """LR, momentum, resolution and batch size of several plans, against epochs and images seen."""
+    rows = [("LR", "lr"), ("momentum / beta1", "momentum"), ("resolution (px)", "resolution"),
+            ("global batch", "batch_size")]
+    fig, axes = plt.subplots(len(rows), 2, figsize=(12, 9), sharex="col", constrained_layout=True)
+    for i, (name, t) in enumerate(timelines.items()):
+        seen = [s - b for s, b in zip(t.samples_seen, t.samples)]  # images seen before each step
+        for r, (label, key) in enumerate(rows):
+            ys = getattr(t, key)
+            for c, xs in enumerate((t.epoch_progress, seen)):
+                draw = axes[r][c].step if key in ("resolution", "batch_size") else axes[r][c].plot
+                draw(xs, ys, color=f"C{i}", linewidth=1.3, label=name if r == 0 and c == 0 else None,
+                     **({"where": "post"} if key in ("resolution", "batch_size") else {}))
+                axes[r][c].set_ylabel(label)
+                axes[r][c].grid(alpha=0.3)
+    if any(_wide_range(t.lr) for t in timelines.values()):
+        for ax in axes[0]:
+            ax.set_yscale("log")
+    axes[0][0].legend(fontsize=8)
+    axes[-1][0].set_xlabel("epoch")
+    axes[-1][1].set_xlabel("images seen")
+    fig.suptitle("plans compared")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summarize_runs(run_dirs: list[str], thresholds: tuple[float, ...] = ()) -> dict[str, dict]:
+    """Per recipe name (seeds grouped): final top-1 (mean, std, n), training time and, for each
+    threshold, the mean time to first reach it (None if some seed never did)."""
+    import statistics
+
+    groups: dict[str, list[list[dict]]] = {}
+    for d in run_dirs:
+        import yaml
+
+        with open(os.path.join(d, "recipe.yaml")) as f:
+            name = yaml.safe_load(f)["name"]
+        groups.setdefault(name, []).append(_read_jsonl(os.path.join(d, "metrics.jsonl")))
+    out = {}
+    for name, runs in groups.items():
+        finals = [[r for r in rows if "val_top1" in r][-1] for rows in runs]
+        top1 = [f["val_top1"] for f in finals]
+        times = [f["time"] for f in finals]
+        reach = {}
+        for th in thresholds:
+            hits = [next((r["time"] for r in rows if "val_top1" in r and r["val_top1"] >= th), None) for rows in runs]
+            reach[th] = None if None in hits else sum(hits) / len(hits)
+        out[name] = {"top1_mean": statistics.mean(top1), "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+                     "n": len(top1), "time_mean": statistics.mean(times), "reach": reach, "runs": runs}
+    return out
+
+
+def plot_runs_overlay(summary: dict[str, dict], path: str) -> None:
+    """Held-out top-1 against epochs and against training wall time, every seed drawn."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    for i, (name, s) in enumerate(summary.items()):
+        for j, rows in enumerate(s["runs"]):
+            ev = [r for r in rows if "val_top1" in r]
+            for c, key in enumerate(("epoch", "time")):
+                xs = [r[key] + (1 if key == "epoch" else 0) for r in ev]
+                axes[c].plot(xs, [100 * r["val_top1"] for r in ev], "o-", color=f"C{i}", markersize=3,
+                             alpha=0.8, label=name if j == 0 and c == 0 else None)
+    axes[0].set_xlabel("epochs completed")
+    axes[1].set_xlabel("training wall time (s)")
+    for ax in axes:
+        ax.set_ylabel("held-out top-1 (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_compare_html(summary: dict[str, dict], out_dir: str, thresholds: tuple[float, ...] = ()) -> str:
+    """``compare.html``: the table (mean +- std over seeds), the winner and whether its lead exceeds
+    the seed-to-seed spread, and the figures in ``out_dir``."""
+    ranked = sorted(summary.items(), key=lambda kv: -kv[1]["top1_mean"])
+    head = "".join(f"<th>time to {100 * t:g}% (s)</th>" for t in thresholds)
+    rows = ""
+    for name, s in ranked:
+        reach = "".join("<td>-</td>" if s["reach"][t] is None else f"<td>{s['reach'][t]:.1f}</td>"
+                        for t in thresholds)
+        rows += (f"<tr><td>{html.escape(name)}</td><td>{s['n']}</td><td>{100 * s['top1_mean']:.2f} "
+                 f"&plusmn; {100 * s['top1_std']:.2f}</td><td>{s['time_mean']:.1f}</td>{reach}</tr>")
+    verdict = ""
+    if len(ranked) > 1:
+        (w, a), (_, b) = ranked[0], ranked[1]
+        lead, spread = a["top1_mean"] - b["top1_mean"], max(a["top1_std"], b["top1_std"])
+        verdict = (f"<p>Winner: <b>{html.escape(w)}</b>, {100 * lead:.2f} points ahead of the next; "
+                   + ("the lead exceeds the seed-to-seed spread" if lead > spread and a["n"] > 1 else
+                      "the lead is <b>within</b> the seed-to-seed spread (or there is one seed)") + ".</p>")
+    figs = "".join(f"<h2>{t}</h2>{_img_tag(os.path.join(out_dir, f))}"
+                   for t, f in (("Plans", "plans.png"), ("Held-out accuracy", "accuracy.png")))
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>compare</title>"
+            f"<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{padding:0 1em}}</style>"
+            f"</head><body><h1>Recipes compared</h1><table><tr><th>recipe</th><th>seeds</th>"
+            f"<th>top-1 % (mean &plusmn; std)</th><th>time (s)</th>{head}</tr>{rows}</table>{verdict}{figs}</body></html>")
+    path = os.path.join(out_dir, "compare.html")
+    with open(path, "w") as f:
+        f.write(page)
+    return path
