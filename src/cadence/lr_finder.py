@@ -151,26 +151,20 @@ def range_test(trainer, stage: int = 0, *, start: float = 1e-6, end: float = 10.
     optimizer, scaler, scheduler and RNG state are restored afterwards, bit for bit."""
     from tqdm import tqdm
 
-    from cadence import checkpoint, data
-    from cadence.plan import epoch_samples
+    from cadence import checkpoint
 
     check_range(start, end, steps)
-    r = trainer.recipe
-    st = r.stages[stage]
+    st = trainer.recipe.stages[stage]
     saved = {"model": copy.deepcopy(trainer.model.state_dict()),
              "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
              "scaler": copy.deepcopy(trainer.scaler.state_dict()),
              "scheduler": copy.deepcopy(trainer.scheduler.state_dict()), "rng": checkpoint.rng_state()}
     result = RangeResult(stage, st.resolution, st.batch_size)
-    n = epoch_samples(len(trainer.source.train), st.data_fraction)
     smoothed, best, epoch = 0.0, math.inf, 0
     bar = tqdm(total=steps, disable=not progress, desc=f"range test, stage {stage} {st.resolution}px", unit="step")
     try:
         while len(result.lrs) < steps:
-            loader = data.stage_loader(trainer.source, st, epoch=epoch, seed=r.seed, epoch_samples=n,
-                                       drop_last=r.data.drop_last, num_workers=r.data.num_workers,
-                                       rank=trainer.rank, world=trainer.world)
-            for x, y in loader:
+            for x, y in trainer.loader(stage, epoch):
                 i = len(result.lrs)
                 if i >= steps:
                     break

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import html
-import io
 import base64
 import json
 import os
@@ -105,8 +104,9 @@ def plan_table(timeline: Timeline) -> str:
 # After training: curves and the HTML report
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
+def read_metrics(run_dir: str) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl``."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
@@ -160,7 +160,7 @@ def write_run_report(run_dir: str) -> str:
     """``curves.png`` and a self-contained ``report.html`` (plan, curves, final numbers, recipe)."""
     import yaml
 
-    rows = _read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    rows = read_metrics(run_dir)
     with open(os.path.join(run_dir, "recipe.yaml")) as f:
         recipe_text = f.read()
     name = (yaml.safe_load(recipe_text) or {}).get("name", os.path.basename(run_dir))
@@ -238,7 +238,7 @@ def summarize_runs(run_dirs: list[str], thresholds: tuple[float, ...] = ()) -> d
 
         with open(os.path.join(d, "recipe.yaml")) as f:
             name = yaml.safe_load(f)["name"]
-        groups.setdefault(name, []).append(_read_jsonl(os.path.join(d, "metrics.jsonl")))
+        groups.setdefault(name, []).append(read_metrics(d))
     out = {}
     for name, runs in groups.items():
         finals = [[r for r in rows if "val_top1" in r][-1] for rows in runs]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -10,7 +11,6 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -69,8 +69,7 @@ class MetricsLog:
     def __init__(self, run_dir: str, resume_step: int = 0):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         if resume_step and os.path.exists(self.path):  # drop rows past the checkpoint we resume from
-            with open(self.path) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
+            rows = read_metrics(run_dir)
             keep = [r for r in rows if r["step"] < resume_step or ("val_top1" in r and r["step"] <= resume_step)]
             with open(self.path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in keep)
@@ -130,8 +129,9 @@ class NullLog:
 
 
 def read_metrics(run_dir: str) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    from cadence.report import read_metrics as read
+
+    return read(run_dir)
 
 
 class Trainer:
@@ -235,6 +235,15 @@ class Trainer:
         self.scheduler.step()
         return loss.detach()
 
+    def loader(self, stage: int, epoch: int, skip_batches: int = 0):
+        """This rank's batches of global ``epoch`` at stage ``stage``, after ``skip_batches``."""
+        r, st = self.recipe, self.recipe.stages[stage]
+        return data.stage_loader(
+            self.source, st, epoch=epoch, seed=r.seed, drop_last=r.data.drop_last,
+            epoch_samples=epoch_samples(len(self.source.train), st.data_fraction),
+            num_workers=r.data.num_workers, skip_batches=skip_batches, rank=self.rank, world=self.world,
+            pin_memory=self.device.type == "cuda")
+
     def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         """Mean of ``value`` over ranks (the value itself on one process)."""
         return distributed.mean_over_ranks(value)
@@ -268,7 +277,7 @@ class Trainer:
     def fit(self, stop_at: int | None = None, progress: bool = True) -> dict | None:
         """Train to the end of the timeline (or stop after global step ``stop_at``, resumable).
         Returns the final evaluation, or None if stopped early."""
-        r, t = self.recipe, self.timeline
+        t = self.timeline
         log = MetricsLog(self.run_dir, self.step) if self.main else NullLog()
         end = len(t) if stop_at is None else min(stop_at, len(t))
         bar = tqdm(total=len(t), initial=self.step, disable=not (progress and self.main), file=sys.stderr,
@@ -297,11 +306,7 @@ class Trainer:
         k = t.stage[self.step]
         stage = r.stages[k]
         first, last = t.epoch_starts[e], t.epoch_starts[e + 1]
-        loader = data.stage_loader(
-            self.source, stage, epoch=e, seed=r.seed, drop_last=r.data.drop_last,
-            epoch_samples=epoch_samples(len(self.source.train), stage.data_fraction),
-            num_workers=r.data.num_workers, skip_batches=self.step - first, rank=self.rank,
-            world=self.world, pin_memory=self.device.type == "cuda")
+        loader = self.loader(k, e, skip_batches=self.step - first)
         bar.set_description(f"stage {k} epoch {e} {stage.resolution}px")
         tick, images = time.perf_counter(), 0
         for x, y in loader:
@@ -358,7 +363,8 @@ def find_auto_lr(setup: Setup, recipe_file: str | None = None, progress: bool = 
     first, o = setup.recipe.stages[0], setup.recipe.optimizer
     scale = lr_scale(first.batch_size, o.reference_batch_size or first.batch_size, o.lr_scaling)
     recipe = with_lr(setup.recipe, res.suggestions.recommended / scale)
-    return Setup(recipe, setup.source, recipe.timeline(train_samples=len(setup.source.train)), setup.device, res)
+    timeline = recipe.timeline(train_samples=len(setup.source.train), world_size=setup.dist.world)
+    return dataclasses.replace(setup, recipe=recipe, timeline=timeline, lr_find=res)
 
 
 def default_run_dir(recipe: Recipe, root: str = "runs") -> str:
