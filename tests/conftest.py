@@ -16,3 +16,18 @@ settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True
 settings.register_profile("explore", deadline=None, derandomize=False, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Decoded-image caches go to a temporary folder, not the user's ~/.cache (subprocesses too)."""
+    old = os.environ.get("CADENCE_CACHE_DIR")
+    os.environ["CADENCE_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("CADENCE_CACHE_DIR", None)
+    else:
+        os.environ["CADENCE_CACHE_DIR"] = old

@@ -38,6 +38,25 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from cadence.prepare import describe, prepare_copy
+    from cadence.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.sets)
+    out = args.out or recipe.data.prepared
+    if out is None:
+        raise FieldError("data.prepared", None, "say where the copy goes (or pass --out)", file=args.recipe)
+    try:
+        manifest = prepare_copy(recipe, out, short_side=args.short_side, workers=args.workers,
+                                quality=args.quality, progress=not args.quiet)
+    except FieldError as e:
+        raise e.within(file=args.recipe) from None
+    print(describe(manifest, out))
+    if recipe.data.prepared != out:
+        print(f"train from it with: --set data.prepared={out}")
+    return 0
+
+
 def _resolve_recipe(args):
     """The recipe to train: RECIPE (+ --set), or, when resuming, the run's own recipe.yaml.
     A resumed run must be given the recipe it started with."""
@@ -268,6 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write the plan figure (PNG) here")
     p.add_argument("--world-size", type=int, default=1, help="ranks the global batch is split over")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("prepare", help="imagefolder: write a training copy re-encoded at a bounded size "
+                       "(decoded several times faster; resumable)")
+    _recipe_args(p)
+    p.add_argument("--out", help="where the copy goes (default: the recipe's data.prepared)")
+    p.add_argument("--short-side", type=int, help="cap on each image's shorter side in px "
+                   "(default: largest stage resolution x 256/224)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of the copy")
+    p.add_argument("--workers", type=int, help="processes (default: one per CPU core)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a recipe (under torchrun: DDP, batch_size = global batch)")
     p.add_argument("recipe", nargs="?", help="recipe YAML file (optional with --resume)")

@@ -45,20 +45,36 @@ class DataConfig:
     num_classes: int = 10  # synthetic: classes
     download: bool = False  # cifar10: let torchvision download into root
     drop_last: bool = True  # drop each epoch's last partial batch
-    num_workers: int = 0  # DataLoader worker processes per rank
+    num_workers: int | Literal["auto"] = "auto"  # file decoding processes per rank (auto: from the CPU count)
+    cache: bool = True  # cifar10 JPEGs: keep the decoded uint8 tensor in cache_dir, keyed by file contents
+    cache_dir: str | None = None  # default: $CADENCE_CACHE_DIR, else ~/.cache/cadence
+    prepared: str | None = None  # imagefolder: train/ read from this copy made by `cadence prepare`
+    on_bad_image: Literal["skip", "error"] = "skip"  # unreadable files: skip and list them, or stop
 
     def __post_init__(self):
-        if self.root is not None:
-            self.root = os.path.expanduser(self.root)
+        for name in ("root", "cache_dir", "prepared"):
+            if getattr(self, name) is not None:
+                setattr(self, name, os.path.expanduser(getattr(self, name)))
         _check(self.train_samples is None or self.train_samples > 0, "train_samples", self.train_samples,
                "must be positive")
         _check(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "must be in (0, 1)")
         for name in ("samples", "val_samples", "image_size", "num_classes"):
             _check(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
         _check(self.num_classes >= 2, "num_classes", self.num_classes, "needs at least 2 classes")
-        _check(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
+        _check(self.num_workers == "auto" or self.num_workers >= 0, "num_workers", self.num_workers,
+               "must be >= 0 (or auto)")
         if self.source == "imagefolder":
             _check(self.root is not None, "root", self.root, "imagefolder needs data.root")
+        _check(self.prepared is None or self.source == "imagefolder", "prepared", self.prepared,
+               "a prepared copy is for source: imagefolder")
+
+    def workers(self) -> int:
+        """Decoding processes per rank: as set, or (auto) one per CPU core this process may use,
+        less one for the training loop, at most 8."""
+        if self.num_workers != "auto":
+            return self.num_workers
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(1, min(8, cores - 1))
 
     def train_size(self) -> int:
         """Images in the training set: stated, known for the source, or counted on disk."""
@@ -70,7 +86,7 @@ class DataConfig:
             return self.samples
         if self.source == "cifar10":
             return 50_000
-        train = os.path.join(self.root, "train")
+        train = os.path.join(self.prepared or self.root, "train")
         if not os.path.isdir(train):
             raise FieldError("data.root", self.root, "has no train/ folder (or set data.train_samples)")
         return sum(f.lower().endswith(IMAGE_EXTENSIONS) for _, _, files in os.walk(train) for f in files)

@@ -163,6 +163,10 @@ class Trainer:
         self.prep = data.normalizer(self.source, dev, r.train.channels_last)
         self.rank, self.world, self.main = setup.dist.rank, setup.dist.world, setup.dist.main
         self.signals = _Signals()
+        self.data = data.TrainData(self.source, r.data, seed=r.seed, rank=self.rank, world=self.world,
+                                   pin_memory=dev.type == "cuda", on_bad=self._note_bad)
+        self.bad_images = 0  # unreadable files met while training (this process)
+        self._bad_listed: set[str] = set()
         self.step = 0
         self.elapsed = 0.0  # training wall time over all sessions (s)
         self.evals: list[dict] = []
@@ -187,6 +191,7 @@ class Trainer:
             lr_finder.plot([res], os.path.join(run_dir, "lr_find.png"), title=f"{setup.recipe.name}: LR range test")
         with open(os.path.join(run_dir, "recipe.yaml"), "w") as f:
             f.write(dump_recipe(setup.recipe, header))
+        trainer._note_bad(setup.source.bad, count=False)  # found while loading (unreadable files, empty classes)
 
         report.plot_plan(setup.timeline, os.path.join(run_dir, "plan.png"), title=setup.recipe.name)
         return trainer
@@ -237,12 +242,18 @@ class Trainer:
 
     def loader(self, stage: int, epoch: int, skip_batches: int = 0):
         """This rank's batches of global ``epoch`` at stage ``stage``, after ``skip_batches``."""
-        r, st = self.recipe, self.recipe.stages[stage]
-        return data.stage_loader(
-            self.source, st, epoch=epoch, seed=r.seed, drop_last=r.data.drop_last,
-            epoch_samples=epoch_samples(len(self.source.train), st.data_fraction),
-            num_workers=r.data.num_workers, skip_batches=skip_batches, rank=self.rank, world=self.world,
-            pin_memory=self.device.type == "cuda")
+        st = self.recipe.stages[stage]
+        return self.data.epoch(st, epoch, epoch_samples(len(self.source.train), st.data_fraction), skip_batches)
+
+    def _note_bad(self, bad: list, count: bool = True) -> None:
+        """Count skipped images and list each unreadable file once in ``bad_images.txt``
+        (tab-separated path and reason)."""
+        self.bad_images += len(bad) if count else 0
+        new = [(p, why) for p, why in dict(bad).items() if p not in self._bad_listed]
+        self._bad_listed.update(p for p, _ in new)
+        if new and self.run_dir and os.path.isdir(self.run_dir):
+            with open(os.path.join(self.run_dir, "bad_images.txt"), "a") as f:
+                f.writelines(f"{path}\t{reason}\n" for path, reason in new)
 
     def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         """Mean of ``value`` over ranks (the value itself on one process)."""
@@ -256,7 +267,7 @@ class Trainer:
         self.model.eval()
         total, loss_sum, correct1, correct5 = 0, 0.0, 0, 0
         k = min(5, self.source.num_classes)
-        for x, y in data.eval_loader(self.source, res, r.train.eval_batch_size, r.data.num_workers,
+        for x, y in data.eval_loader(self.source, res, r.train.eval_batch_size, r.data.workers(),
                                      rank=self.rank, world=self.world):
             y = y.to(self.device)
             with self.autocast:
@@ -312,6 +323,11 @@ class Trainer:
         for x, y in loader:
             s = self.step
             lr, momentum = self.optimizer.param_groups[0]["lr"], get_momentum(self.optimizer)
+            if not len(y):  # every image of the batch was unreadable: the plan moves on regardless
+                self.scheduler.step()
+                self.step += 1
+                bar.update(1)
+                continue
             loss = self.train_step(self.prep(x), y.to(self.device, non_blocking=True))
             self.step += 1
             images += len(y)
@@ -324,7 +340,8 @@ class Trainer:
                                              "lower optimizer.lr or use fp32")
                 log.write({"step": s, "stage": k, "epoch": e, "lr": lr, "momentum": momentum,
                            "loss": loss_value, "samples_seen": t.samples_seen[s], "time": round(self.elapsed, 3),
-                           "resolution": stage.resolution})
+                           "resolution": stage.resolution,
+                           **({"bad_images": self.bad_images} if self.bad_images else {})})
                 bar.set_postfix(lr=f"{lr:.3g}", loss=f"{loss_value:.3f}",
                                 img_s=f"{images / max(now - tick, 1e-9):.0f}", refresh=False)
                 tick, images = now, 0

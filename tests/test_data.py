@@ -1,0 +1,295 @@
+"""The input pipeline: the fast paths draw what the reference transforms draw, the decoded-image
+cache is reused only for unchanged data, the prepared copy, and every kind of unreadable file."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import stats
+from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms.v2 import functional as F
+
+from cadence import cli, data, train
+from cadence.errors import FieldError
+from cadence.plan import Stage
+from cadence.prepare import prepare_copy
+from cadence.recipe import DataConfig, recipe_from_dict
+
+
+def photo(seed: int, w: int, h: int) -> Image.Image:
+    """A smooth, photo-like RGB image (JPEG-friendly, not noise)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, 5, 5, generator=g)
+    x = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)
+    x = (x.clamp(0, 1)[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    return Image.fromarray(x)
+
+
+def image_folder(root, classes: int = 3, per_class: int = 6, size=(48, 36), fmt="JPEG"):
+    seed = sum(map(ord, str(root.name)))  # train/ and val/ hold different images
+    for c in range(classes):
+        os.makedirs(root / f"c{c}", exist_ok=True)
+        for i in range(per_class):
+            photo(10_000 * seed + 100 * c + i, *size).save(root / f"c{c}" / f"{i}.jpg", format=fmt, quality=90)
+    return root
+
+
+# -- keys and in-memory augmentation ------------------------------------------------------------
+
+
+def test_vectorised_keys_match_the_scalar_hash_and_split_over_ranks():
+    pos = np.arange(1000)
+    assert [data._mix(7, 3, int(p)) for p in pos[:50]] == data.mix(7, 3, pos[:50]).tolist()
+    assert data._mix(-1, 2) == int(data.mix(-1, 2))  # negative seeds wrap like the scalar version
+    one = data.EpochSampler(100, 80, seed=5, epoch=2)
+    ranks = [data.EpochSampler(100, 80, seed=5, epoch=2, rank=r, world=4) for r in range(4)]
+    assert sorted(item for s in ranks for item in s) == sorted(one)  # same images, same keys
+
+
+def test_batch_crop_flip_equals_torchvision_pad_crop_flip():
+    """Each output image is exactly torchvision's reflect-pad, crop at the drawn offset, and flip."""
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    keys = data.mix(11, np.arange(64))
+    out = data.augment_batch(x, keys, native=32, flip=True, resolution=32)
+    dy, dx, fl = data.crop_flip_draws(keys, 4)
+    for i in range(64):
+        ref = F.crop(F.pad(x[i], [4, 4, 4, 4], padding_mode="reflect"), int(dy[i]), int(dx[i]), 32, 32)
+        ref = F.horizontal_flip(ref) if fl[i] else ref
+        assert torch.equal(out[i], ref.float()), i
+    small = data.augment_batch(x, keys, native=32, flip=True, resolution=20)
+    ref = F.resize(out, [20, 20], antialias=True)
+    assert small.shape == (64, 3, 20, 20) and torch.allclose(small, ref, atol=1e-3)
+
+
+def test_batch_draws_have_randomcrop_and_flip_statistics():
+    """Offsets uniform over 0..2*pad (chi-square), flips a fair coin: torchvision's distribution."""
+    dy, dx, fl = data.crop_flip_draws(data.mix(3, np.arange(40_000)), 4)
+    for off in (dy, dx):
+        counts = torch.bincount(off, minlength=9).numpy()
+        assert len(counts) == 9 and stats.chisquare(counts).pvalue > 1e-3
+    assert abs(fl.float().mean().item() - 0.5) < 0.01
+    assert stats.pearsonr(dy.numpy(), dx.numpy()).statistic ** 2 < 1e-3  # independent
+
+
+# -- image files: crop box first, then a reduced decode -----------------------------------------
+
+
+def test_crop_boxes_follow_torchvision_randomresizedcrop():
+    """Scale, aspect ratio and position of the boxes drawn from the header's size have the
+    distribution of ``RandomResizedCrop`` applied to the decoded image (two-sample KS)."""
+    w, h, n = 500, 375, 4000
+
+    def features(boxes):
+        b = np.array(boxes, dtype=float)  # top, left, h, w
+        return [b[:, 2] * b[:, 3] / (w * h), np.log(b[:, 3] / b[:, 2]), b[:, 1] + b[:, 3] / 2, b[:, 0] + b[:, 2] / 2]
+
+    ours = [data.draw_box(int(k), w, h)[:4] for k in data.mix(1, np.arange(n))]
+    torch.manual_seed(0)
+    image = torch.zeros(3, h, w)
+    theirs = [RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)]
+    for a, b in zip(features(ours), features(theirs)):
+        assert stats.ks_2samp(a, b).pvalue > 1e-3
+    flips = [data.draw_box(int(k), w, h)[4] for k in data.mix(2, np.arange(2000))]
+    assert abs(np.mean(flips) - 0.5) < 0.04
+
+
+def test_reduced_decode_matches_full_decode_crop(tmp_path):
+    """The DCT-scaled decode gives the image torchvision's RandomResizedCrop + flip would, up to
+    the small difference of decoding at a lower scale; a PNG (no DCT scaling) is the same."""
+    img = photo(1, 500, 375)
+    img.save(tmp_path / "a.jpg", quality=90)
+    img.save(tmp_path / "a.png")
+    diffs = []
+    for key in data.mix(9, np.arange(40)).tolist():
+        top, left, h, w, flip = data.draw_box(key, 500, 375)
+        for name in ("a.jpg", "a.png"):
+            with Image.open(tmp_path / name) as im:
+                ref = F.pil_to_tensor(F.resized_crop(im.convert("RGB"), top, left, h, w, [64, 64], antialias=True))
+            ref = F.horizontal_flip(ref) if flip else ref
+            ours = data.decode_crop(str(tmp_path / name), key, 64).permute(2, 0, 1)
+            diff = (ours.float() - ref.float()).abs()
+            if name == "a.png":
+                # same box, same filter: rounding only, except that the filter may read the pixels
+                # just outside the box (crop-then-resize cannot), which touches the border rows
+                assert diff[:, 1:-1, 1:-1].max() <= 1 and diff.mean() < 0.25, key
+            else:
+                diffs.append(diff.mean().item())
+    assert np.mean(diffs) < 2.0 and max(diffs) < 4.0  # of 255: invisible
+
+
+def test_file_loader_keeps_its_workers_across_stages(tmp_path):
+    """One DataLoader for the run: its worker processes survive an epoch and a resolution change."""
+    root = image_folder(tmp_path / "train")
+    cfg = DataConfig(source="imagefolder", root=str(tmp_path), num_workers=1)
+    items, _ = data._image_folder_paths(str(root), "data.root")
+    source = data.Source(data.FileImages(items), data.FileImages(items), 3, 3, (0.5,) * 3, (0.5,) * 3, None)
+    td = data.TrainData(source, cfg, seed=0)
+    shapes, pids = [], []
+    for epoch, res in enumerate((16, 16, 24)):
+        for x, y in td.epoch(Stage(epochs=1, resolution=res, batch_size=6), epoch, 18):
+            shapes.append(tuple(x.shape))
+        pids.append([w.pid for w in td._files.loader._iterator._workers])
+    assert shapes == [(6, 3, 16, 16)] * 6 + [(6, 3, 24, 24)] * 3
+    assert pids[0] == pids[1] == pids[2] and len(pids[0]) == 1
+
+
+# -- the decoded-image cache --------------------------------------------------------------------
+
+
+def test_cache_is_reused_for_the_same_files_and_rebuilt_when_they_change(tmp_path, monkeypatch):
+    for split in ("train", "test"):
+        image_folder(tmp_path / "c10" / split, classes=10, per_class=2, size=(32, 32))
+    cfg = DataConfig(source="cifar10", root=str(tmp_path / "c10"), cache_dir=str(tmp_path / "cache"))
+    first = data.load_source(cfg)
+    built = sorted(os.listdir(tmp_path / "cache" / "decoded"))
+    assert len(built) == 2  # train and test
+
+    def no_decoding(*a, **k):
+        raise AssertionError("decoded again although the files did not change")
+
+    monkeypatch.setattr(data, "_decode_all", no_decoding)
+    again = data.load_source(cfg)
+    assert torch.equal(again.train.images, first.train.images) and torch.equal(again.train.labels, first.train.labels)
+    monkeypatch.undo()
+
+    changed = tmp_path / "c10" / "train" / "c3" / "1.jpg"
+    photo(999, 32, 32).save(changed, quality=90)  # same name, same size on disk or not: new bytes
+    rebuilt = data.load_source(cfg)
+    assert len(os.listdir(tmp_path / "cache" / "decoded")) == 3
+    i = [p for p, _ in data._image_folder_paths(str(tmp_path / "c10" / "train"), "x")[0]].index(str(changed))
+    assert not torch.equal(rebuilt.train.images[i], first.train.images[i])
+    with Image.open(changed) as im:
+        assert torch.equal(rebuilt.train.images[i], torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1))
+
+    off = DataConfig(source="cifar10", root=str(tmp_path / "c10"), cache=False, cache_dir=str(tmp_path / "none"))
+    assert torch.equal(data.load_source(off).train.images, rebuilt.train.images)
+    assert not os.path.exists(tmp_path / "none")
+
+
+# -- unreadable files ---------------------------------------------------------------------------
+
+
+def bad_folder(root):
+    """An ImageNet-layout folder with every kind of awkward file, and enough good ones to train."""
+    for split in ("train", "val"):
+        image_folder(root / split, classes=3, per_class=6, size=(40, 30))
+    t = root / "train"
+    good = (t / "c0" / "0.jpg").read_bytes()
+    (t / "c0" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (t / "c1" / "notes.jpg").write_text("not an image\n")
+    (t / "c1" / "empty.JPEG").write_bytes(b"")
+    photo(5, 40, 30).convert("L").save(t / "c2" / "gray.jpg")
+    photo(6, 40, 30).convert("CMYK").save(t / "c2" / "cmyk.jpg")
+    photo(7, 40, 30).save(t / "c2" / "png-inside.JPEG", format="PNG")
+    os.makedirs(t / "c3")  # an empty class folder
+    os.makedirs(root / "val" / "c3")
+    photo(8, 40, 30).save(root / "val" / "c3" / "0.jpg")
+    return {str(t / "c0" / "truncated.jpg"), str(t / "c1" / "notes.jpg"), str(t / "c1" / "empty.JPEG")}
+
+
+BAD_RECIPE = {
+    "name": "bad-images", "seed": 1,
+    "model": {"arch": "fastnet", "width": 8},
+    "optimizer": {"name": "sgd", "lr": 0.05},
+    "schedule": {"kind": "cosine"},
+    "stages": [{"epochs": 2, "resolution": 16, "batch_size": 8}],
+    "train": {"device": "cpu", "eval_every": "end"},
+}
+
+
+def test_bad_images_are_skipped_counted_and_listed(tmp_path):
+    unreadable = bad_folder(tmp_path / "d")
+    raw = {**BAD_RECIPE, "data": {"source": "imagefolder", "root": str(tmp_path / "d"), "num_workers": 0}}
+    setup = train.prepare(recipe_from_dict(raw))
+    assert setup.source.num_classes == 4 and len(setup.source.train) == 3 * 6 + 6  # files, before decoding
+    trainer, final = train.train(setup, str(tmp_path / "run"), progress=False)
+    listed = [line.split("\t") for line in (tmp_path / "run" / "bad_images.txt").read_text().splitlines()]
+    assert {p for p, _ in listed if "empty class" not in _} == unreadable  # each listed once
+    assert any(p.endswith("c3") and "empty class folder" in r for p, r in listed)
+    # gray, CMYK and PNG-in-a-.JPEG are images: read (converted to RGB), not listed
+    assert not any(os.path.basename(p) in ("gray.jpg", "cmyk.jpg", "png-inside.JPEG") for p, _ in listed)
+    rows = [r for r in train.read_metrics(str(tmp_path / "run")) if "loss" in r]
+    assert rows[-1]["bad_images"] == 2 * len(unreadable)  # met in each of the 2 epochs
+    assert final is not None and trainer.step == 2 * (24 // 8)
+
+
+def test_bad_image_with_on_bad_image_error_names_the_file(tmp_path, capsys):
+    bad_folder(tmp_path / "d")
+    recipe = tmp_path / "r.yaml"
+    raw = {**BAD_RECIPE, "data": {"source": "imagefolder", "root": str(tmp_path / "d"), "on_bad_image": "error"}}
+    recipe.write_text(json.dumps(raw))
+    assert cli.main(["train", str(recipe), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "c3" in err and "class folder holds no images" in err
+    assert not os.path.exists(tmp_path / "run")
+    os.rmdir(tmp_path / "d" / "train" / "c3")
+    os.rename(tmp_path / "d" / "val" / "c3", tmp_path / "c3-val")
+    assert cli.main(["train", str(recipe), "--out", str(tmp_path / "run2"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # met while training, after the start line
+    assert err.startswith("cadence: error: data.root: ") and "unreadable image" in err
+    assert any(name in err for name in ("truncated.jpg", "notes.jpg", "empty.JPEG")), err
+
+
+def test_no_readable_image_is_an_error_before_training(tmp_path):
+    for split in ("train", "val"):
+        os.makedirs(tmp_path / split / "a")
+        (tmp_path / split / "a" / "x.jpg").write_text("junk")
+    raw = {**BAD_RECIPE, "data": {"source": "imagefolder", "root": str(tmp_path)}}
+    with pytest.raises(FieldError, match="holds no readable image"):
+        train.prepare(recipe_from_dict(raw))
+
+
+def test_small_image_folder_skips_unreadable_files_at_decode(tmp_path):
+    for split in ("train", "test"):
+        image_folder(tmp_path / split, classes=10, per_class=2, size=(32, 32))
+    (tmp_path / "train" / "c4" / "junk.jpg").write_text("junk")
+    source = data.load_source(DataConfig(source="cifar10", root=str(tmp_path), cache_dir=str(tmp_path / "cache")))
+    assert len(source.train) == 20 and [os.path.basename(p) for p, _ in source.bad] == ["junk.jpg"]
+    with pytest.raises(FieldError, match="junk.jpg"):
+        data.load_source(DataConfig(source="cifar10", root=str(tmp_path), cache_dir=str(tmp_path / "cache"),
+                                    on_bad_image="error"))
+
+
+# -- the prepared copy ----------------------------------------------------------------------------
+
+
+def test_prepare_writes_a_bounded_copy_resumes_and_trains_from_it(tmp_path, capsys):
+    for split in ("train", "val"):
+        image_folder(tmp_path / "d" / split, classes=3, per_class=6, size=(80, 60))
+    (tmp_path / "d" / "train" / "c1" / "junk.jpg").write_text("junk")
+    out = tmp_path / "prep"
+    raw = {**BAD_RECIPE, "data": {"source": "imagefolder", "root": str(tmp_path / "d"), "num_workers": 0,
+                                  "prepared": str(out)}}
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(json.dumps(raw))
+    with pytest.raises(FieldError, match="not a complete prepared copy"):
+        train.prepare(recipe_from_dict(raw))
+
+    assert cli.main(["prepare", str(recipe_file), "--workers", "2", "--quiet"]) == 0
+    assert "prepared 18 images (18 written, 0 kept" in capsys.readouterr().out
+    manifest = json.loads((out / "prepared.json").read_text())
+    assert manifest["short_side"] == 18 and manifest["images"] == 18 and len(manifest["bad"]) == 1
+    for c in range(3):
+        for i in range(6):
+            with Image.open(out / "train" / f"c{c}" / f"{i}.jpg") as im:
+                assert im.size == (24, 18) and im.format == "JPEG"  # 80x60 capped at shorter side 18
+
+    os.unlink(out / "prepared.json")  # as if killed before it finished: 2 files not written yet
+    for name in ("c0/1.jpg", "c2/5.jpg"):
+        os.unlink(out / "train" / name)
+    manifest = prepare_copy(recipe_from_dict(raw), str(out), workers=1, progress=False)
+    assert (manifest["written"], manifest["kept"]) == (2, 16)
+    with pytest.raises(FieldError, match="holds a copy made with"):
+        prepare_copy(recipe_from_dict(raw), str(out), short_side=40, progress=False)
+
+    setup = train.prepare(recipe_from_dict(raw))
+    assert len(setup.source.train) == 18 and len(setup.source.val) == 18
+    assert setup.source.train.items[0][0].startswith(str(out))
+    assert setup.source.val.items[0][0].startswith(str(tmp_path / "d" / "val"))  # evaluation: the originals
+    _, final = train.train(setup, str(tmp_path / "run"), progress=False)
+    assert final is not None
