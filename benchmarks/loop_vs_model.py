@@ -1,0 +1,57 @@
+"""The training loop against the model alone: does the model ever wait for data?
+
+For each stage resolution of a recipe, alternating rounds of (a) ``train_step`` on one fixed
+in-memory batch (model-only throughput) and (b) the real loop -- next batch from cadence's
+loader, normalise, ``train_step`` -- on the same Trainer. Prints images/s of both and the ratio
+(target: loop >= 0.95 x model-only).
+
+    python benchmarks/loop_vs_model.py recipes/cifar10-progressive.yaml --set data.root=/path/to/cifar10
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from cadence import train
+from cadence.recipe import load_recipe
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe")
+    p.add_argument("--set", dest="sets", action="append", default=[])
+    p.add_argument("--steps", type=int, default=6, help="optimizer steps per round")
+    p.add_argument("--rounds", type=int, default=3)
+    a = p.parse_args()
+    recipe = load_recipe(a.recipe, a.sets)
+    setup = train.prepare(recipe, a.recipe)
+    trainer = train.Trainer(setup, run_dir="")
+    t = trainer.timeline
+    for k, stage in enumerate(recipe.stages):
+        loader = iter(trainer.loader(k, t.epoch[t.stage_starts[k]]))
+        x0, y0 = next(loader)
+        fixed = trainer.prep(x0), y0
+        trainer.train_step(*fixed)  # warm-up at this size
+        model_rates, loop_rates = [], []
+        for _ in range(a.rounds):
+            trainer.step = trainer.scheduler.last_epoch = t.stage_starts[k]  # stay inside the plan
+            start = time.perf_counter()
+            for _ in range(a.steps):
+                trainer.train_step(*fixed)
+            model_rates.append(a.steps * len(y0) / (time.perf_counter() - start))
+            trainer.scheduler.last_epoch = t.stage_starts[k]
+            start, n = time.perf_counter(), 0
+            for _ in range(a.steps):
+                x, y = next(loader)
+                trainer.train_step(trainer.prep(x), y)
+                n += len(y)
+            loop_rates.append(n / (time.perf_counter() - start))
+        m, lo = statistics.median(model_rates), statistics.median(loop_rates)
+        print(f"stage {k} ({stage.resolution}px, batch {stage.batch_size}): model only {m:.0f} img/s, "
+              f"training loop {lo:.0f} img/s, ratio {lo / m:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
