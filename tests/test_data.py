@@ -267,25 +267,32 @@ def test_prepare_writes_a_bounded_copy_resumes_and_trains_from_it(tmp_path, caps
                                   "prepared": str(out)}}
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text(json.dumps(raw))
-    with pytest.raises(FieldError, match="not a complete prepared copy"):
+    with pytest.raises(FieldError, match="holds no complete prepared copy"):
         train.prepare(recipe_from_dict(raw))
 
     assert cli.main(["prepare", str(recipe_file), "--workers", "2", "--quiet"]) == 0
-    assert "prepared 18 images (18 written, 0 kept" in capsys.readouterr().out
-    manifest = json.loads((out / "prepared.json").read_text())
+    assert "18px: 18 images (18 written, 0 kept from before, 1 unreadable" in capsys.readouterr().out
+    manifest = json.loads((out / "18px" / "prepared.json").read_text())
     assert manifest["short_side"] == 18 and manifest["images"] == 18 and len(manifest["bad"]) == 1
     for c in range(3):
         for i in range(6):
-            with Image.open(out / "train" / f"c{c}" / f"{i}.jpg") as im:
+            with Image.open(out / "18px" / "train" / f"c{c}" / f"{i}.jpg") as im:
                 assert im.size == (24, 18) and im.format == "JPEG"  # 80x60 capped at shorter side 18
 
-    os.unlink(out / "prepared.json")  # as if killed before it finished: 2 files not written yet
+    os.unlink(out / "18px" / "prepared.json")  # as if killed before it finished: 2 files not written yet
     for name in ("c0/1.jpg", "c2/5.jpg"):
-        os.unlink(out / "train" / name)
-    manifest = prepare_copy(recipe_from_dict(raw), str(out), workers=1, progress=False)
+        os.unlink(out / "18px" / "train" / name)
+    (manifest,) = prepare_copy(recipe_from_dict(raw), str(out), workers=1, progress=False)
     assert (manifest["written"], manifest["kept"]) == (2, 16)
     with pytest.raises(FieldError, match="holds a copy made with"):
-        prepare_copy(recipe_from_dict(raw), str(out), short_side=40, progress=False)
+        prepare_copy(recipe_from_dict(raw), str(out), quality=75, progress=False)
+
+    # a second, larger copy: stages read the smallest copy that covers them
+    big, small = prepare_copy(recipe_from_dict(raw), str(out), short_sides=[40, 18], progress=False)
+    assert (big["short_side"], big["written"], small.get("already")) == (40, 18, True)
+    copies = data.prepared_copies(str(out))
+    assert [side for side, _ in copies] == [40, 18]
+    assert [data.pick_copy(copies, r) for r in (12, 16, 20, 35, 64)] == [1, 1, 0, 0, 0]
 
     setup = train.prepare(recipe_from_dict(raw))
     assert len(setup.source.train) == 18 and len(setup.source.val) == 18
@@ -293,3 +300,5 @@ def test_prepare_writes_a_bounded_copy_resumes_and_trains_from_it(tmp_path, caps
     assert setup.source.val.items[0][0].startswith(str(tmp_path / "d" / "val"))  # evaluation: the originals
     _, final = train.train(setup, str(tmp_path / "run"), progress=False)
     assert final is not None
+    x, _ = next(iter(train.Trainer(setup, "").loader(0, 0)))
+    assert x.shape == (8, 3, 16, 16)

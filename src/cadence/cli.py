@@ -47,11 +47,11 @@ def cmd_prepare(args) -> int:
     if out is None:
         raise FieldError("data.prepared", None, "say where the copy goes (or pass --out)", file=args.recipe)
     try:
-        manifest = prepare_copy(recipe, out, short_side=args.short_side, workers=args.workers,
+        manifests = prepare_copy(recipe, out, short_sides=args.short_side, workers=args.workers,
                                 quality=args.quality, progress=not args.quiet)
     except FieldError as e:
         raise e.within(file=args.recipe) from None
-    print(describe(manifest, out))
+    print(describe(manifests, out))
     if recipe.data.prepared != out:
         print(f"train from it with: --set data.prepared={out}")
     return 0
@@ -292,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(decoded several times faster; resumable)")
     _recipe_args(p)
     p.add_argument("--out", help="where the copy goes (default: the recipe's data.prepared)")
-    p.add_argument("--short-side", type=int, help="cap on each image's shorter side in px "
-                   "(default: largest stage resolution x 256/224)")
+    p.add_argument("--short-side", type=int, nargs="+", metavar="PX", help="one copy per value, each capping "
+                   "every image's shorter side (default: each stage resolution x 256/224)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the copy")
     p.add_argument("--workers", type=int, help="processes (default: one per CPU core)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -46,6 +46,7 @@ class Source:
     native_size: int | None  # in-memory small images (pad-crop + resize); None: ImageNet-style
     flip: bool = True
     bad: list = field(default_factory=list)  # (path, reason) of files skipped as unreadable
+    copies: list = field(default_factory=list)  # prepared copies [(shorter side, train root)], first = items'
 
 
 class TensorImages(Dataset):
@@ -289,12 +290,13 @@ def _first_readable(items: list[tuple[str, int]], field: str, root: str) -> None
 def _imagefolder(cfg: DataConfig, seed: int) -> Source:
     val_split = cfg.val_split or "val"
     bad: list = []
+    copies: list[tuple[int, str]] = []
     if cfg.prepared is not None:
-        train_root = os.path.join(cfg.prepared, "train")
-        if not os.path.exists(os.path.join(cfg.prepared, PREPARED_MANIFEST)):
-            raise FieldError("data.prepared", cfg.prepared, "is not a complete prepared copy; "
-                             "run `cadence prepare` on this recipe (it resumes where it stopped)")
-        field = "data.prepared"
+        copies = prepared_copies(cfg.prepared)
+        if not copies:
+            raise FieldError("data.prepared", cfg.prepared, "holds no complete prepared copy; run `cadence "
+                             "prepare` on this recipe (it resumes where it stopped)")
+        train_root, field = copies[0][1], "data.prepared"
     else:
         train_root, field = os.path.join(cfg.root, "train"), "data.root"
     train_items, classes = _image_folder_paths(train_root, field, cfg.on_bad_image, bad)
@@ -305,13 +307,33 @@ def _imagefolder(cfg: DataConfig, seed: int) -> Source:
     _first_readable(train_items, field, train_root)
     _first_readable(val_items, "data.val_split", os.path.join(cfg.root, val_split))
     return Source(FileImages(train_items), FileImages(val_items), num_classes=len(classes), channels=3,
-                  mean=IMAGENET_MEAN, std=IMAGENET_STD, native_size=None, bad=bad)
+                  mean=IMAGENET_MEAN, std=IMAGENET_STD, native_size=None, bad=bad, copies=copies)
 
 
 SOURCES = {"digits": _digits, "synthetic": _synthetic, "cifar10": _cifar10, "imagefolder": _imagefolder}
 
 
 PREPARED_MANIFEST = "prepared.json"  # written last by `cadence prepare`: the copy is complete
+SHORT_SIDE_PER_PX = 256 / 224  # a copy for R px training keeps shorter sides up to R x 256/224
+
+
+def prepared_copies(folder: str) -> list[tuple[int, str]]:
+    """The complete copies in a ``cadence prepare`` folder: ``[(shorter side, train root)]``,
+    largest first (``<folder>/<N>px/train``, each with its manifest)."""
+    if not os.path.isdir(folder):
+        return []
+    found = [(int(e.name[:-2]), os.path.join(folder, e.name, "train")) for e in os.scandir(folder)
+             if e.name.endswith("px") and e.name[:-2].isdigit()
+             and os.path.exists(os.path.join(folder, e.name, PREPARED_MANIFEST))]
+    return sorted(found, reverse=True)
+
+
+def pick_copy(copies: list[tuple[int, str]], resolution: int) -> int:
+    """The copy a stage reads: the smallest whose shorter side is at least ``resolution`` x
+    256/224 (rounded), else the largest. Index into ``copies``; 0 without copies."""
+    need = round(resolution * SHORT_SIDE_PER_PX)
+    fits = [i for i, (side, _) in enumerate(copies) if side >= need]
+    return fits[-1] if fits else 0
 
 
 def load_source(cfg: DataConfig, seed: int = 0) -> Source:
@@ -461,17 +483,40 @@ class MemoryLoader:
 # Image files: the crop is drawn before decoding, and the JPEG decoded only as large as it needs
 
 
-def draw_box(key: int, width: int, height: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """``(top, left, h, w, flip)`` for one image: torchvision's own ``RandomResizedCrop.get_params``
-    and ``RandomHorizontalFlip`` draw, under RNG seed ``key`` (so the distribution is theirs)."""
-    from torchvision.transforms import RandomResizedCrop
+def uniforms(key: int, n: int) -> list[float]:
+    """``n`` uniform floats in [0, 1) from ``key`` (splitmix64 in plain integers: a few
+    microseconds, where seeding a torch or numpy generator per image costs a hundred)."""
+    out, h = [], key & _M64
+    for _ in range(n):
+        h = (h + 0x9E3779B97F4A7C15) & _M64
+        z = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9 & _M64
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _M64
+        out.append(((z ^ (z >> 31)) >> 11) / 2.0**53)
+    return out
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(key)
-        shape_only = torch.empty(1).expand(3, height, width)  # get_params reads the size alone
-        top, left, h, w = RandomResizedCrop.get_params(shape_only, list(scale), list(ratio))
-        flip = bool(torch.rand(1) < 0.5)
-    return top, left, h, w, flip
+
+def draw_box(key: int, width: int, height: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """``(top, left, h, w, flip)`` for one image from ``key``: the algorithm of torchvision's
+    ``RandomResizedCrop.get_params`` (area fraction uniform in ``scale``, log aspect ratio uniform
+    in ``log(ratio)``, up to 10 tries, then a centre crop) and a fair-coin flip. The tests check
+    the distribution against torchvision's own draws."""
+    u = uniforms(key, 41)
+    area, lo, hi = width * height, math.log(ratio[0]), math.log(ratio[1])
+    flip = u[40] < 0.5
+    for t in range(10):
+        a, r, y, x = u[4 * t: 4 * t + 4]
+        target = area * (scale[0] + (scale[1] - scale[0]) * a)
+        aspect = math.exp(lo + (hi - lo) * r)
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(y * (height - h + 1)), int(x * (width - w + 1)), h, w, flip
+    if width / height < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif width / height > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w, flip
 
 
 def decode_crop(path: str, key: int, resolution: int, *, flip: bool = True, draft: bool = True) -> torch.Tensor:
@@ -492,24 +537,25 @@ def decode_crop(path: str, key: int, resolution: int, *, flip: bool = True, draf
                         box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
     if out.mode != "RGB":
         out = out.convert("RGB")
-    if flip and flipped:
-        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return torch.from_numpy(np.asarray(out).copy())
+    return torch.from_numpy(np.asarray(out)[:, ::-1].copy() if flip and flipped else np.array(out))
 
 
 class CropDecode(Dataset):
-    """``dataset[(index, key, resolution)]`` -> ``(HWC uint8 or None, label, bad)``: the resolution
-    travels with each item, so one set of persistent workers serves every stage."""
+    """``dataset[(index, key, resolution, copy)]`` -> ``(HWC uint8 or None, label, bad)``. The
+    resolution (and which prepared copy to read) travels with each item, so one set of persistent
+    workers serves every stage. ``roots[copy]`` replaces ``roots[0]`` at the start of each path."""
 
-    def __init__(self, items: list[tuple[str, int]], flip: bool = True):
-        self.items, self.flip = items, flip
+    def __init__(self, items: list[tuple[str, int]], flip: bool = True, roots: list[str] | None = None):
+        self.items, self.flip, self.roots = items, flip, roots or [""]
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, item):
-        index, key, resolution = item
+        index, key, resolution, copy = item
         path, label = self.items[index]
+        if copy:
+            path = self.roots[copy] + path[len(self.roots[0]):]
         try:
             return decode_crop(path, key, resolution, flip=self.flip), label, None
         except BAD_IMAGE_ERRORS as e:
@@ -545,13 +591,14 @@ class FileLoader:
 
     def __init__(self, source: Source, *, num_workers: int, pin_memory: bool = False, on_bad=None):
         self.batches, self.on_bad = _Batches(), on_bad
-        self.loader = DataLoader(CropDecode(source.train.items, flip=source.flip), batch_sampler=self.batches,
+        roots = [root for _, root in source.copies]
+        self.loader = DataLoader(CropDecode(source.train.items, source.flip, roots), batch_sampler=self.batches,
                                  num_workers=num_workers, collate_fn=collate_good, pin_memory=pin_memory,
                                  persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None)
 
-    def epoch(self, sampler: EpochSampler, resolution: int, local_batch: int, drop_last: bool):
+    def epoch(self, sampler: EpochSampler, resolution: int, local_batch: int, drop_last: bool, copy: int = 0):
         indices, keys = sampler.keyed()
-        items = list(zip(indices.tolist(), keys.tolist(), [resolution] * len(indices)))
+        items = [(i, k, resolution, copy) for i, k in zip(indices.tolist(), keys.tolist())]
         self.batches.batches = [items[b: b + local_batch] for b in range(0, len(items), local_batch)
                                 if not drop_last or b + local_batch <= len(items)]
         return _Epoch(self)
@@ -591,7 +638,8 @@ class TrainData:
         if self._files is None:
             self._files = FileLoader(self.source, num_workers=self.cfg.workers(), pin_memory=self.pin_memory,
                                      on_bad=self._bad)
-        return self._files.epoch(sampler, stage.resolution, local, self.cfg.drop_last)
+        return self._files.epoch(sampler, stage.resolution, local, self.cfg.drop_last,
+                                 pick_copy(self.source.copies, stage.resolution))
 
     def _bad(self, bad: list) -> None:
         if self.cfg.on_bad_image == "error":
