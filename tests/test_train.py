@@ -104,7 +104,7 @@ def test_resume_refuses_a_different_recipe(tmp_path, capsys):
     capsys.readouterr()
     code = cli.main(["train", recipe, "--resume", str(tmp_path / "r"), "--set", "optimizer.lr=0.5"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "optimizer.lr" in err[0]
+    assert code == 2 and "--on-recipe-change" in err[0] and err[1:] == ["  optimizer.lr: 0.05 -> 0.5   [schedule]"]
 
 
 @pytest.fixture(scope="module")

@@ -231,5 +231,17 @@ def make_timeline(stages: list[Stage], train_samples: int, schedule: ScheduleSpe
     return t
 
 
+def continue_at(old: Timeline, done: int, new: Timeline, policy: Literal["keep-position", "stretch"]) -> int:
+    """The step of ``new`` at which a run that has done ``done`` steps of ``old`` continues.
+
+    ``keep-position``: at the same number of images seen. ``stretch``: at the same fraction of all
+    the images of the run (images seen / images in the whole timeline). Either way the position is
+    rounded down to a step boundary of ``new``: less than one batch is seen again, none is skipped."""
+    seen = old.samples_seen[done - 1] if done else 0
+    if policy == "stretch":
+        seen = seen * new.samples_seen[-1] // old.samples_seen[-1]
+    return bisect.bisect_right(new.samples_seen, seen)
+
+
 __all__ = ["Stage", "Timeline", "ScheduleError", "epoch_samples", "epoch_batches", "lr_scale",
-           "layout", "make_timeline", "ScopeSpan"]
+           "layout", "make_timeline", "ScopeSpan", "continue_at"]

@@ -132,6 +132,7 @@ class TrainConfig:
     eval_batch_size: int = 256
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0: only at epoch ends)
     log_every: int = 1  # optimizer steps between metrics.jsonl rows
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a non-finite loss: stop (exit 1) | skip that update
 
     def __post_init__(self):
         _check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "must be in [0, 1)")
