@@ -260,3 +260,33 @@ def test_changes_that_move_nothing_are_accepted_and_recorded(tmp_path, stopped, 
     assert (run_dir / "recipe.prev-1.yaml").exists() and not (run_dir / "recipe_change.png").exists()
     assert not (run_dir / ".tmp-recipe.yaml").exists()
     assert_same_state(reference[1], train.Trainer.resume(train.prepare(recipe_from_dict(TINY)), str(run_dir)))
+
+
+# -- export ---------------------------------------------------------------------------------------
+
+
+def test_export_writes_the_weights_as_safetensors(tmp_path, capsys, reference):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    run_dir, _, final = reference
+    out = tmp_path / "tiny.safetensors"
+    assert cli.main(["export", str(run_dir), "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    weights, saved = load_file(out), last_checkpoint(run_dir)["model"]
+    assert weights.keys() == saved.keys() and all(torch.equal(weights[k], saved[k]) for k in saved)
+    with safe_open(out, "pt") as f:
+        meta = f.metadata()
+    assert (meta["name"], meta["arch"], meta["step"]) == ("tiny", "fastnet", "12")
+    assert float(meta["val_top1"]) == final["val_top1"] and yaml.safe_load(meta["recipe"]) == TINY
+    assert cli.main(["export", str(run_dir)]) == 0 and (run_dir / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("where", ["missing", "empty"])
+def test_export_of_a_folder_without_a_run_is_one_line(tmp_path, capsys, where):
+    folder = tmp_path / "nothing"
+    if where == "empty":
+        folder.mkdir()
+    assert cli.main(["export", str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(folder) in err[0]

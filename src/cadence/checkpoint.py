@@ -112,3 +112,27 @@ def load(path: str, map_location="cpu") -> dict:
         lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
         reason = next((l for l in lines if "Unsupported global" in l), lines[0])[:200]
         raise FieldError("(checkpoint)", path, f"refused: not a weights-only checkpoint ({reason})") from None
+
+
+def export(run_dir: str, out: str | None = None) -> tuple[str, dict[str, str]]:
+    """The model weights of ``run_dir``'s last checkpoint as a safetensors file (default
+    ``RUN_DIR/model.safetensors``, written atomically), with the recipe's name, the architecture, the
+    step, the last held-out top-1 (and its step) and the whole recipe (YAML) as metadata.
+    Returns the path and the metadata; a folder without a checkpoint raises FieldError."""
+    import yaml
+    from safetensors.torch import save
+
+    last = os.path.join(run_dir, "checkpoints", "last.pt")
+    if not os.path.exists(last):
+        raise FieldError("RUN_DIR", run_dir, "holds no checkpoints/last.pt")
+    state = load(last)
+    recipe = state.get("recipe") or {}
+    meta = {"format": "cadence", "name": str(recipe.get("name")), "step": str(state["step"]),
+            "arch": str((recipe.get("model") or {}).get("arch", "fastnet")),
+            "recipe": yaml.safe_dump(recipe, sort_keys=False)}
+    if state.get("evals"):
+        meta.update(val_top1=repr(state["evals"][-1]["val_top1"]), val_step=str(state["evals"][-1]["step"]))
+    tensors = {k: v.detach().clone().contiguous() for k, v in state["model"].items()}  # no shared storage
+    out = out or os.path.join(run_dir, "model.safetensors")
+    _write_atomic(out, lambda f: f.write(save(tensors, metadata=meta)))
+    return out, meta

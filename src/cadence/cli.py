@@ -140,6 +140,19 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from cadence import checkpoint
+
+    if not os.path.isdir(args.run_dir):
+        raise FieldError("RUN_DIR", args.run_dir, "is not a folder")
+    try:
+        out, meta = checkpoint.export(args.run_dir, args.out)
+    except OSError as e:
+        raise FieldError("--out", e.filename, f"cannot write: {e.strerror}") from None
+    print(f"wrote {out} ({meta['arch']}, step {int(meta['step']):,})")
+    return 0
+
+
 def cmd_report(args) -> int:
     from cadence import report
 
@@ -310,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out top-1 levels (0..1) whose time to reach is reported")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("export", help="write a run's model weights (last checkpoint) as safetensors")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="file to write (default: RUN_DIR/model.safetensors)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="redraw a run's curves.png and report.html")
     p.add_argument("run_dir")
