@@ -312,6 +312,7 @@ def test_divergence_stops_with_one_clear_line(tmp_path, capsys):
     code = cli.main(["train", recipe, "--out", str(tmp_path / "r"), "--quiet", "--set", "optimizer.lr=1e12"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
-    assert "loss is nan at step" in err[-1] or "loss is inf at step" in err[-1]
+    # a finite loss can still blow the weights up: then the next checkpoint finds them first
+    assert any(f"{what} step" in err[-1] for what in ("loss is nan at", "loss is inf at", "weights are not finite after"))
     assert "lower optimizer.lr" in err[-1]
     assert (tmp_path / "r" / "recipe.yaml").exists()  # the run directory is kept

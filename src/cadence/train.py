@@ -272,9 +272,9 @@ class Trainer:
         """One optimizer step at the LR/momentum the scheduler has set; then the scheduler moves on.
 
         With ``guard``, a non-finite loss follows ``train.on_nonfinite``: ``stop`` raises Diverged
-        before the update; ``skip`` leaves weights and optimizer state as they were, counts the step
-        in ``skipped`` (BatchNorm statistics too) and still moves the scheduler on, so every later step keeps its planned LR.
-        (The LR range test steps unguarded: it watches the loss itself.)"""
+        before the update; ``skip`` leaves weights, BatchNorm statistics and optimizer state as they
+        were, counts the step in ``skipped`` and still moves the scheduler on, so every later step
+        keeps its planned LR. (The LR range test steps unguarded: it watches the loss itself.)"""
         self.model.train()
         skip = guard and self.recipe.train.on_nonfinite == "skip"
         buffers = [b.detach().clone() for b in self.model.buffers()] if skip else []  # BatchNorm statistics
