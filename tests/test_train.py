@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import torch
 import yaml
 
 from cadence import cli, train
-from cadence.recipe import load_recipe, recipe_from_dict
+from cadence.recipe import recipe_from_dict
 from cadence.report import read_plan_csv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,7 +103,7 @@ def test_resume_refuses_a_different_recipe(tmp_path, capsys):
     capsys.readouterr()
     code = cli.main(["train", recipe, "--resume", str(tmp_path / "r"), "--set", "optimizer.lr=0.5"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "optimizer.lr" in err[0]
+    assert code == 2 and "--on-recipe-change" in err[0] and err[1:] == ["  optimizer.lr: 0.05 -> 0.5   [schedule]"]
 
 
 @pytest.fixture(scope="module")
@@ -312,6 +311,7 @@ def test_divergence_stops_with_one_clear_line(tmp_path, capsys):
     code = cli.main(["train", recipe, "--out", str(tmp_path / "r"), "--quiet", "--set", "optimizer.lr=1e12"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
-    assert "loss is nan at step" in err[-1] or "loss is inf at step" in err[-1]
+    # a finite loss can still blow the weights up: then the next checkpoint finds them first
+    assert any(f"{what} step" in err[-1] for what in ("loss is nan at", "loss is inf at", "weights are not finite after"))
     assert "lower optimizer.lr" in err[-1]
     assert (tmp_path / "r" / "recipe.yaml").exists()  # the run directory is kept

@@ -59,39 +59,23 @@ def cmd_prepare(args) -> int:
 
 def _resolve_recipe(args):
     """The recipe to train: RECIPE (+ --set), or, when resuming, the run's own recipe.yaml.
-    A resumed run must be given the recipe it started with."""
+    (A resumed run's recipe is checked against its checkpoint's in ``changes.reconcile``.)"""
     from cadence.recipe import load_recipe, with_lr
 
     if args.resume:
         saved = os.path.join(args.resume, "recipe.yaml")
-        if not os.path.exists(os.path.join(args.resume, "checkpoints", "last.pt")):
-            raise FieldError("--resume", args.resume, "holds no checkpoints/last.pt to resume from")
+        if not os.path.exists(saved):
+            raise FieldError("--resume", args.resume, "is not a run directory (it holds no recipe.yaml)")
         run_recipe = load_recipe(saved)
         if args.recipe is None and not args.sets:
             return run_recipe, saved
         recipe = load_recipe(args.recipe or saved, args.sets)
         if recipe.optimizer.lr == "auto":  # the run recorded what the range test chose
             recipe = with_lr(recipe, run_recipe.optimizer.lr)
-        if recipe.raw != run_recipe.raw:
-            key = _first_difference(run_recipe.raw, recipe.raw)
-            raise FieldError(key, args.recipe, f"differs from the run's recipe ({saved}); "
-                             "resume with the same recipe and --set overrides", file=args.recipe)
         return recipe, args.recipe or saved
     if args.recipe is None:
         raise FieldError("RECIPE", None, "give a recipe file (or --resume RUN_DIR)")
     return load_recipe(args.recipe, args.sets), args.recipe
-
-
-def _first_difference(a, b, path: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in list(a) + [k for k in b if k not in a]:
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b)):
-            if x != y:
-                return _first_difference(x, y, f"{path}.{i}")
-    return path or "(top level)"
 
 
 def cmd_train(args) -> int:
@@ -102,12 +86,18 @@ def cmd_train(args) -> int:
     run_dir = args.resume or args.out or train.default_run_dir(recipe)
     if not args.resume and os.path.exists(os.path.join(run_dir, "checkpoints", "last.pt")):
         raise FieldError("--out", run_dir, "already holds a run (use --resume to continue it)")
-    state = None
-    if args.resume:  # read (and vet) the checkpoint before saying or doing anything
-        from cadence import checkpoint
-
-        state = checkpoint.load(os.path.join(run_dir, "checkpoints", "last.pt"))
+    state, at = None, None
     say = print if setup.dist.main else (lambda *a, **k: None)
+    last = os.path.join(run_dir, "checkpoints", "last.pt")
+    if args.resume and os.path.exists(last):  # read (and vet) the checkpoint before saying or doing anything
+        from cadence import changes, checkpoint
+
+        state = checkpoint.load(last)
+        at = changes.reconcile(state, setup.recipe, setup.timeline, run_dir, args.on_recipe_change,
+                               recipe_file=recipe_file, train_samples=len(setup.source.train),
+                               world_size=setup.dist.world, write=setup.dist.main)
+    elif args.resume:
+        say(f"cadence: {run_dir} was stopped before its first checkpoint: training it from step 0", file=sys.stderr)
     if recipe.optimizer.lr == "auto":
         setup = train.find_auto_lr(setup, recipe_file, progress=not args.quiet and setup.dist.main)
         say(f"optimizer.lr: auto -> {setup.recipe.optimizer.lr:.4g} (LR range test on stage 0)", file=sys.stderr)
@@ -116,13 +106,17 @@ def cmd_train(args) -> int:
         f"{setup.device}{ranks}; run directory {run_dir}", file=sys.stderr)
     try:
         trainer, final = train.train(setup, run_dir, resume=bool(args.resume), stop_at=args.max_steps,
-                                     progress=not args.quiet, state=state)
+                                     progress=not args.quiet, state=state, at=at)
     except train.Interrupted as e:
         say(f"cadence: {e}: checkpoint written; continue with: cadence train --resume {run_dir}",
             file=sys.stderr)
         return 128 + e.signum
     except FloatingPointError as e:  # divergence: the last good checkpoint is kept
-        say(f"cadence: error: {e}; the last checkpoint in {run_dir} is from before it", file=sys.stderr)
+        say(f"cadence: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, no permission: the last checkpoint is intact
+        kept = f"; the last checkpoint is intact: cadence train --resume {run_dir}" if os.path.exists(last) else ""
+        say(f"cadence: error: cannot write {e.filename or run_dir}: {e.strerror or e}{kept}", file=sys.stderr)
         return 1
     finally:
         from cadence import distributed
@@ -135,6 +129,8 @@ def cmd_train(args) -> int:
               f"cadence train --resume {run_dir}")
         return 0
     print(_result_line(final, trainer.elapsed))
+    if trainer.skipped:
+        print(f"{trainer.skipped:,} step(s) skipped for a non-finite loss (train.on_nonfinite: skip)")
     print(f"run directory: {run_dir}")
     return 0
 
@@ -160,6 +156,19 @@ def cmd_eval(args) -> int:
     trainer = train.Trainer.resume(setup, args.run_dir)
     result = trainer.evaluate(args.resolution)
     print(_result_line(result) + f" (checkpoint at step {trainer.step:,})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from cadence import checkpoint
+
+    if not os.path.isdir(args.run_dir):
+        raise FieldError("RUN_DIR", args.run_dir, "is not a folder")
+    try:
+        out, meta = checkpoint.export(args.run_dir, args.out)
+    except OSError as e:
+        raise FieldError("--out", e.filename, f"cannot write: {e.strerror}") from None
+    print(f"wrote {out} ({meta['arch']}, step {int(meta['step']):,})")
     return 0
 
 
@@ -306,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default: runs/<name>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run exactly where it stopped")
     p.add_argument("--max-steps", type=int, help="stop (resumably) after this many optimizer steps in all")
+    p.add_argument("--on-recipe-change", choices=["keep-position", "stretch"],
+                   help="resuming with a recipe whose schedule or data order differs: continue at the same "
+                        "images seen (keep-position) or the same fraction of training (stretch)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -341,6 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out top-1 levels (0..1) whose time to reach is reported")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("export", help="write a run's model weights (last checkpoint) as safetensors")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="file to write (default: RUN_DIR/model.safetensors)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="redraw a run's curves.png and report.html")
     p.add_argument("run_dir")

@@ -61,6 +61,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
+    """The elementwise minimum of ``t`` over all ranks (itself when there is one process)."""
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
 def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     """The mean of ``t`` over all ranks (itself when there is one process)."""
     if dist.is_available() and dist.is_initialized():

@@ -17,6 +17,7 @@ from cadence.schedules import Duration, ScheduleError, ScheduleSpec
 Scope = Literal["global", "per_stage"]
 Progress = Literal["steps", "samples"]
 LrScaling = Literal["none", "linear", "sqrt"]
+MAX_STEPS = 20_000_000  # a longer plan is a typo (epochs, batch_size), and would fill the memory
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ def epoch_batches(n: int, batch_size: int, world_size: int = 1, drop_last: bool 
     local = batch_size // world_size
     per_rank = n // world_size if drop_last else -(-n // world_size)
     full, rest = divmod(per_rank, local)
+    if full > MAX_STEPS:
+        raise ScheduleError("batch_size", batch_size, f"makes {full:,} steps per epoch of {n:,} images "
+                            f"(at most {MAX_STEPS:,} in a plan)")
     return [batch_size] * full + ([rest * world_size] if rest and not drop_last else [])
 
 
@@ -126,6 +130,9 @@ def layout(stages: list[Stage], train_samples: int, *, world_size: int = 1,
         if not sizes:
             raise ScheduleError(f"stages.{k}.batch_size", st.batch_size,
                                 f"{n} images per epoch make no full batch on {world_size} rank(s)")
+        if len(t) + st.epochs * len(sizes) > MAX_STEPS:
+            raise ScheduleError(f"stages.{k}.epochs", st.epochs, f"take the plan past {MAX_STEPS:,} optimizer "
+                                f"steps ({len(sizes):,} per epoch)")
         for _ in range(st.epochs):
             t.epoch_starts.append(len(t))
             for j, b in enumerate(sizes):
@@ -216,10 +223,25 @@ def make_timeline(stages: list[Stage], train_samples: int, schedule: ScheduleSpe
         for s in range(a, b):
             mult, mom = curve(knots.pos[s - a])
             t.lr.append(lr * lr_scale(t.batch_size[s], ref, lr_scaling) * mult)
+            if not 0 <= t.lr[-1] < math.inf:  # e.g. a huge peak times a large batch, or an overflowing curve
+                blame = ("optimizer.lr", lr) if 0 <= mult < math.inf else ("schedule", schedule.kind)
+                raise ScheduleError(*blame, f"gives the LR {t.lr[-1]} at step {s}: it must be finite and >= 0")
             t.momentum.append(momentum if mom is None else mom)
             t.cycles_momentum = t.cycles_momentum or mom is not None
     return t
 
 
+def continue_at(old: Timeline, done: int, new: Timeline, policy: Literal["keep-position", "stretch"]) -> int:
+    """The step of ``new`` at which a run that has done ``done`` steps of ``old`` continues.
+
+    ``keep-position``: at the same number of images seen. ``stretch``: at the same fraction of all
+    the images of the run (images seen / images in the whole timeline). Either way the position is
+    rounded down to a step boundary of ``new``: less than one batch is seen again, none is skipped."""
+    seen = old.samples_seen[done - 1] if done else 0
+    if policy == "stretch":
+        seen = seen * new.samples_seen[-1] // old.samples_seen[-1]
+    return bisect.bisect_right(new.samples_seen, seen)
+
+
 __all__ = ["Stage", "Timeline", "ScheduleError", "epoch_samples", "epoch_batches", "lr_scale",
-           "layout", "make_timeline", "ScopeSpan"]
+           "layout", "make_timeline", "ScopeSpan", "continue_at"]

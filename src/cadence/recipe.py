@@ -123,7 +123,7 @@ class OptimizerConfig:
                "reference_batch_size", self.reference_batch_size, "must be positive")
         _check(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
         _check(0 <= self.beta2 < 1, "beta2", self.beta2, "must be in [0, 1)")
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        _check(0 <= self.weight_decay < float("inf"), "weight_decay", self.weight_decay, "must be >= 0 and finite")
 
 
 @dataclass(kw_only=True)
@@ -148,6 +148,7 @@ class TrainConfig:
     eval_batch_size: int = 256
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0: only at epoch ends)
     log_every: int = 1  # optimizer steps between metrics.jsonl rows
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a non-finite loss: stop (exit 1) | skip that update
 
     def __post_init__(self):
         _check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "must be in [0, 1)")
@@ -191,7 +192,9 @@ class Recipe:
 # Building dataclasses from YAML, with field paths in every error
 
 
-def _join(path: str, name: str | int) -> str:
+def _join(path: str, name: object) -> str:
+    if not (isinstance(name, int) or isinstance(name, str) and name.strip()):
+        name = repr(name)  # an empty or blank key, None, a float: still visible in the error
     return f"{path}.{name}" if path else str(name)
 
 
@@ -294,7 +297,7 @@ def parse_schedule(raw: Any, path: str = "schedule") -> ScheduleSpec:
     if not isinstance(raw, dict):
         raise FieldError(path, raw, "must be a mapping with a 'kind'")
     kind = raw.get("kind")
-    if kind not in schedules.KINDS:
+    if not isinstance(kind, str) or kind not in schedules.KINDS:
         raise FieldError(_join(path, "kind"), kind, "must be one of " + ", ".join(schedules.KINDS))
     return from_dict(schedules.KINDS[kind], {k: v for k, v in raw.items() if k != "kind"}, path)
 

@@ -6,6 +6,7 @@ import csv
 import html
 import base64
 import json
+import math
 import os
 
 import matplotlib
@@ -105,15 +106,23 @@ def plan_table(timeline: Timeline) -> str:
 
 
 def read_metrics(run_dir: str) -> list[dict]:
-    """The rows of a run's ``metrics.jsonl``."""
+    """The rows of a run's ``metrics.jsonl`` (a last line cut short by a kill is left out)."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return rows
 
 
 def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
     """Training loss, held-out top-1 and LR against optimizer steps (left) and wall time (right),
     with stage boundaries dashed."""
-    train = [r for r in rows if "loss" in r and "val_top1" not in r]
+    train = [r for r in rows if "loss" in r and "val_top1" not in r and math.isfinite(r["loss"])]  # not skipped
     evals = [r for r in rows if "val_top1" in r]
     starts = [r for i, r in enumerate(train) if i == 0 or r["stage"] != train[i - 1]["stage"]]
     fig, axes = plt.subplots(3, 2, figsize=(12, 8), sharex="col", constrained_layout=True)
@@ -223,6 +232,31 @@ def plot_plans_overlay(timelines: dict[str, Timeline], path: str) -> None:
     axes[-1][0].set_xlabel("epoch")
     axes[-1][1].set_xlabel("images seen")
     fig.suptitle("plans compared")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_recipe_change(old: Timeline, done: int, new: Timeline, at: dict[str, int], path: str) -> None:
+    """The LR of a run's recipe and of the changed one, against images seen (left: ``keep-position``
+    continues at the same count) and against the fraction of training (right: ``stretch`` continues at
+    the same fraction); the dashed line is where the checkpoint is, the dots where each policy goes on."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), constrained_layout=True)
+    for c, (ax, policy) in enumerate(zip(axes, ("keep-position", "stretch"))):
+        for i, (label, t) in enumerate((("run so far (old recipe)", old), ("new recipe", new))):
+            seen = [s - b for s, b in zip(t.samples_seen, t.samples)]  # images seen before each step
+            xs = [v / t.samples_seen[-1] for v in seen] if c else seen
+            ax.plot(xs, t.lr, color=f"C{i}", linewidth=1.3, label=label)
+            k = at[policy] if t is new else done
+            if k < len(t):
+                ax.plot([xs[k]], [t.lr[k]], "o", color=f"C{i}", markersize=6)
+        x = old.samples_seen[done - 1] if done else 0
+        ax.axvline(x / old.samples_seen[-1] if c else x, color=STAGE_COLOR, linestyle="--", linewidth=0.9)
+        ax.set_title(f"{policy}: continues at step {at[policy]:,} of {len(new):,}", fontsize=10)
+        ax.set_xlabel("fraction of training (images)" if c else "images seen")
+        ax.set_ylabel("LR")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"recipe changed at step {done:,} of {len(old):,}")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

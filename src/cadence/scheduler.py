@@ -48,6 +48,16 @@ class StepScheduler(LRScheduler):
         if self.timeline.cycles_momentum:
             set_momentum(self.optimizer, self.timeline.momentum[self._index()])
 
+    def jump(self, step: int) -> None:
+        """Continue at ``step`` of the timeline: set its LR (and momentum) now, as if ``step()`` had been
+        called ``step`` times (used when a resumed run moves onto a changed recipe's timeline)."""
+        self.last_epoch = step
+        self._last_lr = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+            group["lr"] = lr
+        if self.timeline.cycles_momentum:
+            set_momentum(self.optimizer, self.timeline.momentum[self._index()])
+
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state.pop("timeline", None)

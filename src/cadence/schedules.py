@@ -177,7 +177,7 @@ class ScheduleSpec:
     scale: float = 1.0
 
     def build(self, span: Span, where: str = "schedule") -> Curve:
-        _check(self.scale > 0, "scale", self.scale, "must be positive", where)
+        _check(0 < self.scale < math.inf, "scale", self.scale, "must be positive and finite", where)
         w = 0.0
         if self.warmup is not None:
             w = span.measure(self.warmup.duration, f"{where}.warmup.duration")
@@ -295,7 +295,7 @@ class Linear(ScheduleSpec):
 
     def __post_init__(self):
         for name in ("start_factor", "end_factor"):
-            _check(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+            _check(0 <= getattr(self, name) < math.inf, name, getattr(self, name), "must be >= 0 and finite")
 
     def _curve(self, span, where):
         n = self._len(span, self.duration, "duration", where)

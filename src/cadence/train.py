@@ -68,11 +68,10 @@ class MetricsLog:
 
     def __init__(self, run_dir: str, resume_step: int = 0):
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        if resume_step and os.path.exists(self.path):  # drop rows past the checkpoint we resume from
+        if os.path.exists(self.path):  # drop rows past the checkpoint we resume from (all, at step 0)
             rows = read_metrics(run_dir)
             keep = [r for r in rows if r["step"] < resume_step or ("val_top1" in r and r["step"] <= resume_step)]
-            with open(self.path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in keep)
+            checkpoint.write_text_atomic("".join(json.dumps(r) + "\n" for r in keep), self.path)
         self.file = open(self.path, "a", buffering=1)  # line-buffered: tail -f works, a kill loses nothing
         from torch.utils.tensorboard import SummaryWriter
 
@@ -87,6 +86,10 @@ class MetricsLog:
     def close(self) -> None:
         self.file.close()
         self.tb.close()
+
+
+class Diverged(FloatingPointError):
+    """A non-finite loss (``train.on_nonfinite: stop``) or non-finite weights; nothing diverged was saved."""
 
 
 class Interrupted(Exception):
@@ -168,6 +171,13 @@ class Trainer:
         self.bad_images = 0  # unreadable files met while training (this process)
         self._bad_listed: set[str] = set()
         self.step = 0
+        self.saved_step: int | None = None  # step of the last checkpoint written or loaded
+        self.log_from: int | None = None  # resumed: metrics.jsonl keeps the rows before this (saved) step
+        self.skipped = 0  # steps whose update was skipped for a non-finite loss (train.on_nonfinite: skip)
+        # One host sync per step to look at the loss is free on the CPU; on CUDA, under 'stop', the check
+        # is kept on the device and read at log steps and before every checkpoint instead.
+        self.defer_check = dev.type == "cuda" and r.train.on_nonfinite == "stop"
+        self._first_bad: torch.Tensor | None = None  # deferred: first step with a non-finite loss (inf: none)
         self.elapsed = 0.0  # training wall time over all sessions (s)
         self.evals: list[dict] = []
 
@@ -189,17 +199,21 @@ class Trainer:
                       "curve in lr_find.csv and lr_find.png")
             lr_finder.write_csv([res], os.path.join(run_dir, "lr_find.csv"))
             lr_finder.plot([res], os.path.join(run_dir, "lr_find.png"), title=f"{setup.recipe.name}: LR range test")
-        with open(os.path.join(run_dir, "recipe.yaml"), "w") as f:
-            f.write(dump_recipe(setup.recipe, header))
+        checkpoint.write_text_atomic(dump_recipe(setup.recipe, header), os.path.join(run_dir, "recipe.yaml"))
         trainer._note_bad(setup.source.bad, count=False)  # found while loading (unreadable files, empty classes)
 
         report.plot_plan(setup.timeline, os.path.join(run_dir, "plan.png"), title=setup.recipe.name)
         return trainer
 
     @classmethod
-    def resume(cls, setup: Setup, run_dir: str, state: dict | None = None) -> Trainer:
+    def resume(cls, setup: Setup, run_dir: str, state: dict | None = None, at: int | None = None) -> Trainer:
+        """Continue from ``checkpoints/last.pt`` (or ``state``); ``at``: see ``load_state``."""
         trainer = cls(setup, run_dir)
-        trainer.load_state(state or checkpoint.load(os.path.join(run_dir, "checkpoints", "last.pt")))
+        folder = os.path.join(run_dir, "checkpoints")
+        trainer.load_state(state or checkpoint.load(os.path.join(folder, "last.pt")), at)
+        if setup.dist.main:  # what a kill during a write left behind
+            checkpoint.remove_partial(folder)
+            checkpoint.remove_partial(run_dir)
         return trainer
 
     def state(self) -> dict:
@@ -211,34 +225,99 @@ class Trainer:
             "step": self.step, "stage": t.stage[at], "epoch": t.epoch[at],
             "batch_in_epoch": self.step - t.epoch_starts[t.epoch[at]] if self.step < len(t) else 0,
             "rng": checkpoint.rng_state(), "recipe": self.recipe.raw, "elapsed": self.elapsed,
-            "evals": self.evals,
+            "evals": self.evals, "skipped": self.skipped,
         }
 
-    def load_state(self, state: dict) -> None:
+    def load_state(self, state: dict, at: int | None = None) -> None:
+        """Restore a checkpoint. ``at``: the recipe changed since it was written; continue at step ``at``
+        of this trainer's timeline, with the saved weights, optimizer state and RNG but the new recipe's
+        optimizer hyperparameters (weight decay, betas, ...) and the new timeline's LR and momentum."""
+        recipe_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved without fp16
+            self.scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         self.step, self.elapsed, self.evals = state["step"], state["elapsed"], state["evals"]
+        self.skipped = state.get("skipped", 0)
+        self.saved_step = self.log_from = self.step
+        if at is None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        else:
+            for group, settings in zip(self.optimizer.param_groups, recipe_groups):
+                group.update(settings)
+            self.scheduler.jump(at)
+            self.step = at
 
     def save(self) -> None:
+        """Write ``checkpoints/last.pt`` (rank 0); never a diverged state (raises Diverged instead)."""
+        self.check_deferred()
+        if not all(torch.isfinite(v).all() for v in self.model.state_dict().values() if v.is_floating_point()):
+            raise self.diverged(f"the weights are not finite after step {self.step - 1}", self.step - 1)
         if self.main:  # every rank holds the same weights and optimizer state
             checkpoint.save_atomic(self.state(), os.path.join(self.run_dir, "checkpoints", "last.pt"))
+        self.saved_step = self.step
+
+    def diverged(self, what: str, s: int) -> Diverged:
+        """The error for a divergence first seen at step ``s``: where, at what LR, and what to change."""
+        t, r = self.timeline, self.recipe
+        scale = f", loss scale {self.scaler.get_scale():.4g}" if self.scaler.is_enabled() else ""
+        fixes = "lower optimizer.lr or lengthen the warmup"
+        if r.train.precision == "fp16":
+            fixes += ", train in bf16 or fp32"
+        if r.train.on_nonfinite == "stop":
+            fixes += ", or set train.on_nonfinite: skip to skip such batches"
+        kept = ("no checkpoint was written yet" if self.saved_step is None else
+                f"the last checkpoint in {self.run_dir} (step {self.saved_step}) is from before it")
+        return Diverged(f"{what} (stage {t.stage[s]}, lr {t.lr[s]:.4g}{scale}); {fixes}; {kept}")
 
     # -- the work ----------------------------------------------------------------------------------
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One optimizer step at the LR/momentum the scheduler has set; then the scheduler moves on."""
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, guard: bool = False) -> torch.Tensor:
+        """One optimizer step at the LR/momentum the scheduler has set; then the scheduler moves on.
+
+        With ``guard``, a non-finite loss follows ``train.on_nonfinite``: ``stop`` raises Diverged
+        before the update; ``skip`` leaves weights, BatchNorm statistics and optimizer state as they
+        were, counts the step in ``skipped`` and still moves the scheduler on, so every later step
+        keeps its planned LR. (The LR range test steps unguarded: it watches the loss itself.)"""
         self.model.train()
+        skip = guard and self.recipe.train.on_nonfinite == "skip"
+        buffers = [b.detach().clone() for b in self.model.buffers()] if skip else []  # BatchNorm statistics
         with self.autocast:
             loss = self.criterion(self.forward(x), y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if guard and self._nonfinite(loss.detach()):
+            self.skipped += 1
+            for b, before in zip(self.model.buffers(), buffers):
+                b.copy_(before)
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.scheduler.step()
         return loss.detach()
+
+    def _nonfinite(self, loss: torch.Tensor) -> bool:
+        """True if step ``self.step``'s loss is non-finite on some rank and the update is to be skipped;
+        raises Diverged under 'stop' (or notes the step on the device, when the check is deferred)."""
+        bad = torch.logical_not(torch.isfinite(loss)).float()
+        if self.defer_check:
+            at = torch.where(bad > 0, float(self.step), math.inf)
+            self._first_bad = at if self._first_bad is None else torch.minimum(self._first_bad, at)
+            return False
+        if not distributed.all_reduce_sum(bad).item():
+            return False
+        if self.recipe.train.on_nonfinite == "stop":
+            value = self.reduce_mean(loss).item()
+            raise self.diverged(f"loss is {value} at step {self.step}", self.step)
+        return True
+
+    def check_deferred(self) -> None:
+        """Raise Diverged if a deferred check saw a non-finite loss (one host sync)."""
+        if self._first_bad is not None:
+            first = distributed.all_reduce_min(self._first_bad).item()
+            if math.isfinite(first):
+                raise self.diverged(f"loss is not finite at step {int(first)}", int(first))
 
     def loader(self, stage: int, epoch: int, skip_batches: int = 0):
         """This rank's batches of global ``epoch`` at stage ``stage``, after ``skip_batches``."""
@@ -289,7 +368,9 @@ class Trainer:
         """Train to the end of the timeline (or stop after global step ``stop_at``, resumable).
         Returns the final evaluation, or None if stopped early."""
         t = self.timeline
-        log = MetricsLog(self.run_dir, self.step) if self.main else NullLog()
+        first = self.step if self.log_from is None else self.log_from  # metrics rows before it are kept
+        log = MetricsLog(self.run_dir, first) if self.main else NullLog()
+        self.log_from = None
         end = len(t) if stop_at is None else min(stop_at, len(t))
         bar = tqdm(total=len(t), initial=self.step, disable=not (progress and self.main), file=sys.stderr,
                    dynamic_ncols=True, mininterval=0.5, unit="step")
@@ -328,19 +409,17 @@ class Trainer:
                 self.step += 1
                 bar.update(1)
                 continue
-            loss = self.train_step(self.prep(x), y.to(self.device, non_blocking=True))
+            loss = self.train_step(self.prep(x), y.to(self.device, non_blocking=True), guard=True)
             self.step += 1
             images += len(y)
             if s % r.train.log_every == 0 or self.step == last:
                 now = time.perf_counter()
                 self.elapsed += now - tick
+                self.check_deferred()
                 loss_value = self.reduce_mean(loss).item()
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"loss is {loss_value} at step {s} (lr {lr:.4g}); "
-                                             "lower optimizer.lr or use fp32")
                 log.write({"step": s, "stage": k, "epoch": e, "lr": lr, "momentum": momentum,
                            "loss": loss_value, "samples_seen": t.samples_seen[s], "time": round(self.elapsed, 3),
-                           "resolution": stage.resolution,
+                           "resolution": stage.resolution, **self._skip_count(),
                            **({"bad_images": self.bad_images} if self.bad_images else {})})
                 bar.set_postfix(lr=f"{lr:.3g}", loss=f"{loss_value:.3f}",
                                 img_s=f"{images / max(now - tick, 1e-9):.0f}", refresh=False)
@@ -361,10 +440,15 @@ class Trainer:
         t = self.timeline
         at = self.step - 1
         result = {"step": self.step, "stage": t.stage[at], "epoch": t.epoch[at],
-                  "samples_seen": t.samples_seen[at], "time": round(self.elapsed, 3), **self.evaluate()}
+                  "samples_seen": t.samples_seen[at], "time": round(self.elapsed, 3), **self.evaluate(),
+                  **self._skip_count()}
         log.write(result)
         self.evals.append(result)
         return result
+
+    def _skip_count(self) -> dict:
+        """``{"skipped": n}`` for metrics rows under ``train.on_nonfinite: skip`` (steps skipped so far)."""
+        return {"skipped": self.skipped} if self.recipe.train.on_nonfinite == "skip" else {}
 
 
 def find_auto_lr(setup: Setup, recipe_file: str | None = None, progress: bool = True) -> Setup:
@@ -395,12 +479,18 @@ def default_run_dir(recipe: Recipe, root: str = "runs") -> str:
 
 
 def train(setup: Setup, run_dir: str, *, resume: bool = False, stop_at: int | None = None,
-          progress: bool = True, state: dict | None = None) -> tuple[Trainer, dict | None]:
+          progress: bool = True, state: dict | None = None, at: int | None = None) -> tuple[Trainer, dict | None]:
     """Train (or resume) into ``run_dir``; writes curves and the report at the end. A new run's
-    directory is removed again if building the model fails before the first step."""
+    directory is removed again if building the model fails before the first step. Resuming a run
+    stopped before its first checkpoint starts it again from step 0. ``at``: continue the checkpoint
+    at this step of ``setup``'s timeline (the recipe changed; see ``Trainer.load_state``)."""
     fresh = not resume and not os.path.exists(run_dir)
+    if resume and state is None and not os.path.exists(os.path.join(run_dir, "checkpoints", "last.pt")):
+        resume = False
     try:
-        trainer = Trainer.resume(setup, run_dir, state) if resume else Trainer.create(setup, run_dir)
+        trainer = Trainer.resume(setup, run_dir, state, at) if resume else Trainer.create(setup, run_dir)
+        if at is not None:  # the new position, before anything else: a plain --resume continues from it
+            trainer.save()
     except BaseException:
         if fresh:
             shutil.rmtree(run_dir, ignore_errors=True)
