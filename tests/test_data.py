@@ -63,7 +63,7 @@ def test_batch_crop_flip_equals_torchvision_pad_crop_flip():
         assert torch.equal(out[i], ref.float()), i
     small = data.augment_batch(x, keys, native=32, flip=True, resolution=20)
     ref = F.resize(out, [20, 20], antialias=True)
-    assert small.shape == (64, 3, 20, 20) and torch.allclose(small, ref, atol=1e-3)
+    assert small.shape == (64, 3, 20, 20) and (small - ref).abs().max() <= 1.0  # resized as uint8: rounding
 
 
 def test_batch_draws_have_randomcrop_and_flip_statistics():

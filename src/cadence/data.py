@@ -448,11 +448,14 @@ def _reflect(i: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def resize_batch(x: torch.Tensor, resolution: int) -> torch.Tensor:
-    x = x.float()
-    if x.shape[-1] == resolution and x.shape[-2] == resolution:
-        return x
-    return nn.functional.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True,
-                                     align_corners=False)
+    """Bilinear, antialiased resize of a batch to float32. uint8 input is resized as uint8 in
+    channels-last layout (torch's vectorised path, ~3x faster than float), then converted."""
+    if x.shape[-1] != resolution or x.shape[-2] != resolution:
+        if x.dtype == torch.uint8:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = nn.functional.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True,
+                                      align_corners=False)
+    return x.float()
 
 
 class MemoryLoader:

@@ -499,5 +499,6 @@ def train(setup: Setup, run_dir: str, *, resume: bool = False, stop_at: int | No
     if setup.dist.main:
         from cadence import report
 
-        report.write_run_report(run_dir)
+        with _Signals():  # training is over and saved: a Ctrl-C now must not leave a half-written report
+            report.write_run_report(run_dir)
     return trainer, final
