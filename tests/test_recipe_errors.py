@@ -220,3 +220,19 @@ def test_subprocess_good_recipe_exits_0(tmp_path):
     assert len(rows) == 1 + 250
     assert rows[0] == "step,stage,epoch,resolution,batch_size,samples_seen,lr,momentum"
     assert rows[-1].startswith("249,1,3,48,20,3000,")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "good.yaml", "--max-steps", "-3"], "--max-steps: -3: must be >= 1"),
+    (["eval", "somewhere", "--resolution", "0"], "--resolution: 0: must be >= 1 px"),
+    (["prepare", "good.yaml", "--out", "copy"], "good.yaml: data.source: "),
+])
+def test_bad_command_line_values_exit_2_and_write_nothing(tmp_path, capsys, monkeypatch, args, needle):
+    from cadence import cli
+
+    (tmp_path / "good.yaml").write_text(yaml.safe_dump(GOOD))
+    before = sorted(os.listdir(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(args) == 2
+    assert_one_line(capsys.readouterr().err, needle)
+    assert sorted(os.listdir(tmp_path)) == before

@@ -81,6 +81,8 @@ def _resolve_recipe(args):
 def cmd_train(args) -> int:
     from cadence import train
 
+    if args.max_steps is not None and args.max_steps < 1:
+        raise FieldError("--max-steps", args.max_steps, "must be >= 1")
     recipe, recipe_file = _resolve_recipe(args)
     setup = train.prepare(recipe, recipe_file)
     run_dir = args.resume or args.out or train.default_run_dir(recipe)
@@ -149,6 +151,8 @@ def cmd_eval(args) -> int:
     from cadence import train
     from cadence.recipe import load_recipe
 
+    if args.resolution is not None and args.resolution < 1:
+        raise FieldError("--resolution", args.resolution, "must be >= 1 px")
     if not os.path.exists(os.path.join(args.run_dir, "checkpoints", "last.pt")):
         raise FieldError("RUN_DIR", args.run_dir, "holds no checkpoints/last.pt")
     recipe_file = os.path.join(args.run_dir, "recipe.yaml")
