@@ -268,11 +268,12 @@ def cmd_compare(args) -> int:
         for r, p in zip(loaded, recipes):
             for seed in range(args.seeds):
                 run_dir = os.path.join(out, f"{r.name}-seed{seed}")
-                if os.path.exists(os.path.join(run_dir, "checkpoints", "last.pt")):
+                setup = train.prepare(load_recipe(p, args.sets + [f"seed={seed}"]), p)
+                started = os.path.exists(os.path.join(run_dir, "checkpoints", "last.pt"))
+                if started and _finished(run_dir, len(setup.timeline)):
                     print(f"{run_dir}: already trained, reusing it")
-                else:
-                    setup = train.prepare(load_recipe(p, args.sets + [f"seed={seed}"]), p)
-                    train.train(setup, run_dir, progress=not args.quiet)
+                else:  # new, or stopped part-way (a killed study): continue it exactly
+                    train.train(setup, run_dir, resume=started, progress=not args.quiet)
                 runs.append(run_dir)
     else:
         for d in runs:
@@ -281,13 +282,35 @@ def cmd_compare(args) -> int:
     os.makedirs(out, exist_ok=True)
     thresholds = tuple(args.thresholds)
     summary = report.summarize_runs(runs, thresholds)
+    baseline = None
+    if args.baseline:
+        if args.baseline not in summary:
+            raise FieldError("--baseline", args.baseline, f"is not one of the recipes compared: {sorted(summary)}")
+        target = summary[args.baseline]["top1_mean"]
+        thresholds += (target,)
+        summary = report.summarize_runs(runs, thresholds)
+        baseline = (args.baseline, target)
     report.plot_plans_overlay(timelines, os.path.join(out, "plans.png"))
     report.plot_runs_overlay(summary, os.path.join(out, "accuracy.png"))
     for name, s in sorted(summary.items(), key=lambda kv: -kv[1]["top1_mean"]):
         print(f"{name}: top-1 {100 * s['top1_mean']:.2f} +- {100 * s['top1_std']:.2f}% over {s['n']} "
               f"run(s), {s['time_mean']:.1f} s")
-    print(f"wrote {report.write_compare_html(summary, out, thresholds)}")
+    if baseline is not None:
+        name, target = baseline
+        base_time = summary[name]["time_mean"]
+        print(f"time to reach {name}'s final top-1 ({100 * target:.2f}%), against its {base_time:.1f} s:")
+        for other, s in summary.items():
+            t = s["reach"][target]
+            print(f"  {other}: " + ("never (mean over seeds)" if t is None else f"{t:.1f} s, ratio {t / base_time:.2f}"))
+    report.write_summary_json(summary, os.path.join(out, "summary.json"), baseline)
+    print(f"wrote {report.write_compare_html(summary, out, thresholds, baseline)}")
     return 0
+
+
+def _finished(run_dir: str, steps: int) -> bool:
+    from cadence.report import read_metrics
+
+    return any("val_top1" in r and r["step"] == steps for r in read_metrics(run_dir))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -355,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for runs, figures and compare.html")
     p.add_argument("--thresholds", type=float, nargs="*", default=[], metavar="ACC",
                    help="held-out top-1 levels (0..1) whose time to reach is reported")
+    p.add_argument("--baseline", metavar="NAME", help="report every recipe's time to reach this recipe's "
+                   "final top-1 (mean over seeds), as a ratio of the baseline's own training time")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
 

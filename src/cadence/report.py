@@ -307,9 +307,26 @@ def plot_runs_overlay(summary: dict[str, dict], path: str) -> None:
     plt.close(fig)
 
 
-def write_compare_html(summary: dict[str, dict], out_dir: str, thresholds: tuple[float, ...] = ()) -> str:
+def write_summary_json(summary: dict[str, dict], path: str, baseline: tuple[str, float] | None = None) -> None:
+    """The comparison's numbers (no per-step rows) for scripts and RESULTS tables."""
+    out = {name: {**{k: v for k, v in s.items() if k not in ("runs", "reach")},
+                  "reach": [[t, v] for t, v in s["reach"].items()],
+                  "finals": [[r for r in rows if "val_top1" in r][-1]["val_top1"] for rows in s["runs"]]}
+           for name, s in summary.items()}
+    if baseline is not None:
+        name, target = baseline
+        out["_baseline"] = {"name": name, "top1": target, "time": summary[name]["time_mean"],
+                            "ratios": {k: (None if s["reach"][target] is None
+                                           else s["reach"][target] / summary[name]["time_mean"])
+                                       for k, s in summary.items()}}
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+
+
+def write_compare_html(summary: dict[str, dict], out_dir: str, thresholds: tuple[float, ...] = (),
+                       baseline: tuple[str, float] | None = None) -> str:
     """``compare.html``: the table (mean +- std over seeds), the winner and whether its lead exceeds
-    the seed-to-seed spread, and the figures in ``out_dir``."""
+    the seed-to-seed spread, time to the baseline's final accuracy, and the figures in ``out_dir``."""
     ranked = sorted(summary.items(), key=lambda kv: -kv[1]["top1_mean"])
     head = "".join(f"<th>time to {100 * t:g}% (s)</th>" for t in thresholds)
     rows = ""
@@ -325,6 +342,14 @@ def write_compare_html(summary: dict[str, dict], out_dir: str, thresholds: tuple
         verdict = (f"<p>Winner: <b>{html.escape(w)}</b>, {100 * lead:.2f} points ahead of the next; "
                    + ("the lead exceeds the seed-to-seed spread" if lead > spread and a["n"] > 1 else
                       "the lead is <b>within</b> the seed-to-seed spread (or there is one seed)") + ".</p>")
+    if baseline is not None:
+        name, target = baseline
+        base = summary[name]["time_mean"]
+        items = "".join(f"<li>{html.escape(k)}: " + ("never" if s["reach"][target] is None else
+                        f"{s['reach'][target]:.1f} s ({s['reach'][target] / base:.2f}x)") + "</li>"
+                        for k, s in ranked)
+        verdict += (f"<p>Time to reach the baseline <b>{html.escape(name)}</b>'s final top-1 "
+                    f"({100 * target:.2f}%), as a ratio of its {base:.1f} s:</p><ul>{items}</ul>")
     figs = "".join(f"<h2>{t}</h2>{_img_tag(os.path.join(out_dir, f))}"
                    for t, f in (("Plans", "plans.png"), ("Held-out accuracy", "accuracy.png")))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>compare</title>"

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The schedule study of issue #7: 7 recipes (recipes/study/{short,long}/), one model (fastnet width 32),
+# equal training images per recipe within a budget, 3 seeds, two budgets (1.5 and 3 CIFAR-10 epochs).
+#
+#   benchmarks/schedule_study.sh CIFAR10_ROOT [OUT]            # the whole study, ~1.7 h on 2 cores
+#   benchmarks/schedule_study.sh --quick CIFAR10_ROOT [OUT]    # short budget, 1 seed, ~12 min
+#
+# CIFAR10_ROOT is an ImageFolder of the JPEGs (train/, test/). Finished runs are reused and
+# unfinished ones resumed, so a killed study continues where it stopped. Each budget's
+# compare.html, summary.json and figures land in OUT/<budget>/ (--quick: OUT/short/, 1 seed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+quick=0
+if [ "${1:-}" = "--quick" ]; then quick=1; shift; fi
+root=${1:?usage: benchmarks/schedule_study.sh [--quick] CIFAR10_ROOT [OUT]}
+out=${2:-runs/study}
+cadence=${CADENCE:-cadence}
+command -v "$cadence" >/dev/null || cadence=.venv/bin/cadence
+
+run() {  # budget seeds folder thresholds...
+  local budget=$1 seeds=$2 folder=$3; shift 3
+  "$cadence" compare recipes/study/"$budget"/*.yaml --seeds "$seeds" --set data.root="$root" --quiet \
+      --out "$out/$folder" --baseline "fixed-cosine-warmup-$budget" --thresholds "$@"
+}
+
+if [ "$quick" = 1 ]; then
+  run short 1 short 0.5 0.6   # seed 0 of the full study's short budget (reused by it)
+else
+  run short 3 short 0.5 0.6
+  run long 3 long 0.6 0.7
+fi
