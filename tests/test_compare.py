@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 from cadence import cli, train
@@ -33,7 +34,7 @@ def test_compare_finished_runs_without_retraining(tmp_path, capsys):
     before = {d: os.path.getmtime(os.path.join(d, "checkpoints", "last.pt")) for d in dirs}
     capsys.readouterr()
     out_dir = tmp_path / "cmp"
-    assert cli.main(["compare", *dirs, "--out", str(out_dir), "--thresholds", "0.3"]) == 0
+    assert cli.main(["compare", *dirs, "--out", str(out_dir), "--thresholds", "0.3", "--baseline", "tiny"]) == 0
     out = capsys.readouterr().out
     finals = {}
     for d in dirs:
@@ -46,6 +47,35 @@ def test_compare_finished_runs_without_retraining(tmp_path, capsys):
     for f in ("plans.png", "accuracy.png"):
         assert (out_dir / f).stat().st_size > 10_000
     assert before == {d: os.path.getmtime(os.path.join(d, "checkpoints", "last.pt")) for d in dirs}
+
+    # --baseline: every recipe's time to the baseline's mean final top-1, over the baseline's time
+    summary = json.loads((out_dir / "summary.json").read_text())
+    target = sum(finals["tiny"]) / 2
+    assert summary["_baseline"]["name"] == "tiny" and summary["_baseline"]["top1"] == target
+    for name in ("tiny", "tiny-cosine"):
+        times = [next((r["time"] for r in train.read_metrics(d) if r.get("val_top1", -1) >= target), None)
+                 for d in dirs if os.path.basename(d).rsplit("-", 1)[0] == name]
+        ratio = summary["_baseline"]["ratios"][name]
+        if None in times:
+            assert ratio is None and f"  {name}: never" in out
+        else:
+            assert ratio == sum(times) / 2 / summary["tiny"]["time_mean"]
+    assert f"time to reach tiny's final top-1 ({100 * target:.2f}%)" in out
+    assert cli.main(["compare", *dirs, "--out", str(out_dir), "--baseline", "nope"]) == 2
+    assert "--baseline: 'nope': is not one of the recipes compared" in capsys.readouterr().err
+
+
+def test_compare_resumes_an_unfinished_run_and_reuses_finished_ones(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, TINY)
+    out_dir = tmp_path / "cmp"
+    run = out_dir / "tiny-seed0"
+    assert cli.main(["train", recipe, "--out", str(run), "--quiet", "--max-steps", "4", "--set", "seed=0"]) == 0
+    assert cli.main(["compare", recipe, "--out", str(out_dir), "--quiet"]) == 0
+    rows = train.read_metrics(str(run))
+    assert [r["step"] for r in rows if "loss" in r] == list(range(12))  # continued from step 4, not retrained
+    capsys.readouterr()
+    assert cli.main(["compare", recipe, "--out", str(out_dir), "--quiet"]) == 0
+    assert "already trained, reusing it" in capsys.readouterr().out
 
 
 def test_compare_rejects_a_folder_that_is_not_a_run(tmp_path, capsys):
