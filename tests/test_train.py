@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 
-from cadence import cli, train
+from cadence import cli, data, train
+from cadence.errors import FieldError
 from cadence.recipe import recipe_from_dict
 from cadence.report import read_plan_csv
 
@@ -315,3 +316,49 @@ def test_divergence_stops_with_one_clear_line(tmp_path, capsys):
     assert any(f"{what} step" in err[-1] for what in ("loss is nan at", "loss is inf at", "weights are not finite after"))
     assert "lower optimizer.lr" in err[-1]
     assert (tmp_path / "r" / "recipe.yaml").exists()  # the run directory is kept
+
+
+def test_weight_ema_follows_its_recurrence_is_evaluated_and_resumes_exactly(tmp_path):
+    raw = {**TINY, "train": {**TINY["train"], "ema": 0.8}}
+    trainer = train.Trainer(train.prepare(recipe_from_dict(raw)), run_dir="")
+    ema = None
+    for x, y in trainer.loader(0, 0):
+        trainer.train_step(trainer.prep(x), y)
+        params = [p.detach().clone() for p in trainer.model.parameters()]
+        ema = params if ema is None else [0.8 * e + 0.2 * p for e, p in zip(ema, params)]
+    for e, p in zip(ema, trainer.ema.module.parameters()):
+        assert torch.allclose(e, p, atol=1e-6)
+    for b, m in zip(trainer.ema.module.buffers(), trainer.model.buffers()):  # BatchNorm statistics averaged too
+        assert b.dtype != torch.float32 or not torch.equal(b, m)
+    result = trainer.evaluate()
+    trainer.model.load_state_dict(trainer.ema.module.state_dict())
+    trainer.ema = None
+    assert trainer.evaluate() == result  # evaluation used the averaged weights
+
+    full, final = run(raw, str(tmp_path / "full"))
+    run(raw, str(tmp_path / "part"), stop_at=5)
+    resumed, final2 = run(raw, str(tmp_path / "part"), resume=True)
+    for (name, x), (_, y) in zip(full.ema.state_dict().items(), resumed.ema.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert {k: v for k, v in final2.items() if k != "time"} == {k: v for k, v in final.items() if k != "time"}
+
+
+def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror():
+    raw = {**TINY, "train": {**TINY["train"], "tta": "flip"}}
+    trainer = train.Trainer(train.prepare(recipe_from_dict(raw)), run_dir="")
+    for x, y in trainer.loader(0, 0):
+        trainer.train_step(trainer.prep(x), y)
+    result = trainer.evaluate()
+    trainer.model.eval()
+    logits, labels = [], []
+    with torch.no_grad():
+        for x, y in data.eval_loader(trainer.source, 16, 1000):
+            x = trainer.prep(x)
+            logits.append((trainer.model(x) + trainer.model(x.flip(3))) / 2)
+            labels.append(y)
+    logits, labels = torch.cat(logits), torch.cat(labels)
+    assert result["val_top1"] == (logits.argmax(1) == labels).float().mean().item()
+    assert result["val_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+    digits = {**raw, "data": {"source": "digits"}}
+    with pytest.raises(FieldError, match="never flipped in training"):
+        train.prepare(recipe_from_dict(digits))

@@ -149,6 +149,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0: only at epoch ends)
     log_every: int = 1  # optimizer steps between metrics.jsonl rows
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a non-finite loss: stop (exit 1) | skip that update
+    ema: float | None = None  # weight EMA decay per optimizer step (e.g. 0.99): evaluate the averaged weights
+    tta: Literal["none", "flip"] = "none"  # evaluation: average the logits of the image and its mirror
 
     def __post_init__(self):
         _check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "must be in [0, 1)")
@@ -157,6 +159,7 @@ class TrainConfig:
         _check(self.eval_batch_size > 0, "eval_batch_size", self.eval_batch_size, "must be positive")
         _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "must be >= 0")
         _check(self.log_every >= 1, "log_every", self.log_every, "must be >= 1")
+        _check(self.ema is None or 0 < self.ema < 1, "ema", self.ema, "must be in (0, 1) (or unset)")
 
 
 @dataclass(kw_only=True)

@@ -55,6 +55,9 @@ def prepare(recipe: Recipe, recipe_file: str | None = None) -> Setup:
         if recipe.model.num_classes is not None and recipe.model.num_classes != source.num_classes:
             raise FieldError("model.num_classes", recipe.model.num_classes,
                              f"but the data has {source.num_classes} classes")
+        if recipe.train.tta == "flip" and not source.flip:
+            raise FieldError("train.tta", "flip", f"but {recipe.data.source} images are never flipped in "
+                             "training (mirrored digits are not digits)")
         world = distributed.from_env().world
         timeline = recipe.timeline(train_samples=len(source.train), world_size=world)
     except FieldError as e:
@@ -152,6 +155,11 @@ class Trainer:
         self.memory_format = torch.channels_last if r.train.channels_last else torch.contiguous_format
         self.model = model.to(dev, memory_format=self.memory_format)
         self.optimizer = models.build_optimizer(self.model, r.optimizer)
+        self.ema = None  # weight EMA (parameters and BatchNorm statistics), what evaluation uses
+        if r.train.ema is not None:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(r.train.ema), use_buffers=True)
         self.scheduler = StepScheduler(self.optimizer, self.timeline)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=r.train.precision == "fp16")
         self.autocast = torch.autocast(dev.type, dtype=DTYPES[r.train.precision],
@@ -226,6 +234,7 @@ class Trainer:
             "batch_in_epoch": self.step - t.epoch_starts[t.epoch[at]] if self.step < len(t) else 0,
             "rng": checkpoint.rng_state(), "recipe": self.recipe.raw, "elapsed": self.elapsed,
             "evals": self.evals, "skipped": self.skipped,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
         }
 
     def load_state(self, state: dict, at: int | None = None) -> None:
@@ -234,6 +243,12 @@ class Trainer:
         optimizer hyperparameters (weight decay, betas, ...) and the new timeline's LR and momentum."""
         recipe_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            if state.get("ema"):
+                self.ema.load_state_dict(state["ema"])
+            else:  # EMA switched on at a resume: start averaging from the weights as they are
+                self.ema.module.load_state_dict(state["model"])
+                self.ema.n_averaged.zero_()
         self.optimizer.load_state_dict(state["optimizer"])
         if state["scaler"]:  # empty when saved without fp16
             self.scaler.load_state_dict(state["scaler"])
@@ -294,6 +309,8 @@ class Trainer:
         else:
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
         self.scheduler.step()
         return loss.detach()
 
@@ -343,14 +360,18 @@ class Trainer:
         """Held-out loss, top-1 and (with more than 5 classes) top-5, at ``resolution`` px."""
         r = self.recipe
         res = resolution or r.eval_resolution
-        self.model.eval()
+        model = self.ema.module if self.ema is not None else self.model
+        model.eval()
         total, loss_sum, correct1, correct5 = 0, 0.0, 0, 0
         k = min(5, self.source.num_classes)
         for x, y in data.eval_loader(self.source, res, r.train.eval_batch_size, r.data.workers(),
                                      rank=self.rank, world=self.world):
             y = y.to(self.device)
             with self.autocast:
-                logits = self.model(self.prep(x))
+                x = self.prep(x)
+                logits = model(x)
+                if r.train.tta == "flip":
+                    logits = (logits.float() + model(x.flip(3)).float()) / 2
             loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
             top = logits.topk(k, dim=1).indices
             correct1 += (top[:, 0] == y).sum().item()
