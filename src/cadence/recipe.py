@@ -86,7 +86,7 @@ class DataConfig:
             return self.samples
         if self.source == "cifar10":
             return 50_000
-        train = os.path.join(self.prepared or self.root, "train")
+        train = os.path.join(self.root, "train")  # (a prepared copy holds the same files, less unreadable ones)
         if not os.path.isdir(train):
             raise FieldError("data.root", self.root, "has no train/ folder (or set data.train_samples)")
         return sum(f.lower().endswith(IMAGE_EXTENSIONS) for _, _, files in os.walk(train) for f in files)
