@@ -362,3 +362,23 @@ def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror():
     digits = {**raw, "data": {"source": "digits"}}
     with pytest.raises(FieldError, match="never flipped in training"):
         train.prepare(recipe_from_dict(digits))
+
+
+def test_patch_whitening_stem_decorrelates_patches_and_stays_frozen():
+    raw = {**TINY, "model": {"arch": "fastnet", "width": 8, "whiten": True}}
+    trainer = train.Trainer(train.prepare(recipe_from_dict(raw)), run_dir="")
+    stem = trainer.model.whiten
+    sample = trainer._whitening_sample(trainer.setup)
+    out = torch.nn.functional.conv2d(sample, stem.weight[:12]).permute(0, 2, 3, 1).reshape(-1, 12).double()
+    cov = out.T @ out / len(out)
+    values = torch.linalg.eigvalsh((lambda p: p.T @ p / len(p))(
+        sample.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12).double()))
+    expected = values / (values + 5e-4)  # 1 where a direction's variance is >> eps
+    assert torch.allclose(cov, torch.diag(torch.diagonal(cov)), atol=1e-4)  # decorrelated
+    assert torch.allclose(torch.diagonal(cov).sort().values, expected.sort().values, atol=1e-4)
+    before = stem.weight.clone()
+    for x, y in trainer.loader(0, 0):
+        trainer.train_step(trainer.prep(x), y)
+    assert torch.equal(stem.weight, before) and not stem.weight.requires_grad
+    with pytest.raises(FieldError, match="patch whitening is a fastnet stem"):
+        train.prepare(recipe_from_dict({**raw, "model": {"arch": "resnet18", "whiten": True}}))

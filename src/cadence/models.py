@@ -16,13 +16,21 @@ def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
 
 class FastNet(nn.Module):
     """A small airbench-style net (conv-BN-GELU, three pooled blocks, global max pool) that trains
-    in minutes on a CPU and works at any input resolution."""
+    in minutes on a CPU and works at any input resolution. With ``whiten``, the stem is airbench's
+    frozen 2x2 patch-whitening convolution (see ``init_whitening``) followed by GELU."""
 
-    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 64):
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 64, whiten: bool = False):
         super().__init__()
         w = [width, 2 * width, 4 * width]
-        layers = _conv_bn(in_channels, w[0] // 2)
-        cin = w[0] // 2
+        self.whiten = None
+        if whiten:
+            cin = 2 * in_channels * 4
+            self.whiten = nn.Conv2d(in_channels, cin, kernel_size=2, padding=0, bias=True)
+            self.whiten.weight.requires_grad_(False)  # set from the data, never trained
+            layers = [nn.GELU()]
+        else:
+            layers = _conv_bn(in_channels, w[0] // 2)
+            cin = w[0] // 2
         for c in w:
             layers += _conv_bn(cin, c)[:1] + [nn.MaxPool2d(2, ceil_mode=True)] + _conv_bn(c, c)[1:] \
                 + _conv_bn(c, c)
@@ -30,7 +38,22 @@ class FastNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(cin, num_classes, bias=False)
 
+    @torch.no_grad()
+    def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the stem's filters from normalised training images (N, C, H, W): the eigenvectors of
+        the 2x2 patches' covariance, scaled by 1/sqrt(eigenvalue + eps), and their negatives, so
+        the first layer decorrelates pixels the way airbench does."""
+        c = images.shape[1]
+        patches = images.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, c * 4).double()
+        cov = patches.T @ patches / len(patches)
+        values, vectors = torch.linalg.eigh(cov)
+        filters = (vectors.T / torch.sqrt(values + eps)[:, None]).reshape(-1, c, 2, 2)
+        self.whiten.weight.copy_(torch.cat([filters, -filters]).float())
+        self.whiten.bias.zero_()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.whiten is not None:
+            x = self.whiten(x)
         x = self.features(x)
         return self.head(torch.amax(x, dim=(2, 3)))
 
@@ -55,7 +78,7 @@ def _cifar_resnet18(cfg: ModelConfig, num_classes: int, in_channels: int) -> nn.
 
 
 ARCHS = {
-    "fastnet": lambda cfg, n, c: FastNet(n, c, cfg.width),
+    "fastnet": lambda cfg, n, c: FastNet(n, c, cfg.width, cfg.whiten),
     "cifar_resnet18": _cifar_resnet18,
     **{name: _resnet(name) for name in ("resnet18", "resnet34", "resnet50", "resnet101")},
 }
@@ -64,6 +87,8 @@ ARCHS = {
 def check_arch(cfg: ModelConfig) -> None:
     if cfg.arch not in ARCHS:
         raise FieldError("model.arch", cfg.arch, "no such model (have: " + ", ".join(ARCHS) + ")")
+    if cfg.whiten and cfg.arch != "fastnet":
+        raise FieldError("model.whiten", True, f"patch whitening is a fastnet stem, not {cfg.arch}'s")
 
 
 def build_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3) -> nn.Module:

@@ -98,6 +98,7 @@ class ModelConfig:
     num_classes: int | None = None  # default: what the data has
     zero_init_residual: bool = True  # last BN of each residual block starts at 0 (Goyal et al.)
     width: int = 64  # fastnet/cifar nets: channels of the first block
+    whiten: bool = False  # fastnet: a frozen 2x2 patch-whitening stem set from training images (airbench)
 
     def __post_init__(self):
         _check(self.num_classes is None or self.num_classes >= 2, "num_classes", self.num_classes,

@@ -55,6 +55,9 @@ def prepare(recipe: Recipe, recipe_file: str | None = None) -> Setup:
         if recipe.model.num_classes is not None and recipe.model.num_classes != source.num_classes:
             raise FieldError("model.num_classes", recipe.model.num_classes,
                              f"but the data has {source.num_classes} classes")
+        if recipe.model.whiten and source.native_size is None:
+            raise FieldError("model.whiten", True, "is set from in-memory images (cifar10, synthetic, digits), "
+                             f"not from {recipe.data.source} files")
         if recipe.train.tta == "flip" and not source.flip:
             raise FieldError("train.tta", "flip", f"but {recipe.data.source} images are never flipped in "
                              "training (mirrored digits are not digits)")
@@ -152,6 +155,8 @@ class Trainer:
         if r.train.sync_bn and setup.dist.active:
             model = (nn.SyncBatchNorm.convert_sync_batchnorm(model) if dev.type == "cuda"
                      else distributed.convert_sync_batchnorm(model))
+        if r.model.whiten:
+            model.init_whitening(self._whitening_sample(setup))
         self.memory_format = torch.channels_last if r.train.channels_last else torch.contiguous_format
         self.model = model.to(dev, memory_format=self.memory_format)
         self.optimizer = models.build_optimizer(self.model, r.optimizer)
@@ -188,6 +193,13 @@ class Trainer:
         self._first_bad: torch.Tensor | None = None  # deferred: first step with a non-finite loss (inf: none)
         self.elapsed = 0.0  # training wall time over all sessions (s)
         self.evals: list[dict] = []
+
+    def _whitening_sample(self, setup: Setup, n: int = 5000) -> torch.Tensor:
+        """Up to ``n`` training images (drawn from the seed), at stage 0's resolution, normalised."""
+        train_set = self.source.train
+        pick = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(self.recipe.seed))[:n]
+        images = data.resize_batch(train_set.images[pick], self.recipe.stages[0].resolution)
+        return data.normalizer(self.source, torch.device("cpu"))(images)
 
     # -- life cycle ------------------------------------------------------------------------------
 
