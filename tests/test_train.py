@@ -57,7 +57,7 @@ def run(raw: dict, run_dir: str, stop_at: int | None = None, resume: bool = Fals
 
 
 def train_rows(run_dir: str) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "time"} for r in train.read_metrics(run_dir)]
+    return [{k: v for k, v in r.items() if k not in ("time", "wall")} for r in train.read_metrics(run_dir)]
 
 
 def assert_same_state(a: train.Trainer, b: train.Trainer) -> None:
@@ -340,7 +340,8 @@ def test_weight_ema_follows_its_recurrence_is_evaluated_and_resumes_exactly(tmp_
     resumed, final2 = run(raw, str(tmp_path / "part"), resume=True)
     for (name, x), (_, y) in zip(full.ema.state_dict().items(), resumed.ema.state_dict().items()):
         assert torch.equal(x, y), name
-    assert {k: v for k, v in final2.items() if k != "time"} == {k: v for k, v in final.items() if k != "time"}
+    assert {k: v for k, v in final2.items() if k not in ("time", "wall")} == \
+        {k: v for k, v in final.items() if k not in ("time", "wall")}
 
 
 def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror():

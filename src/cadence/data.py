@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
@@ -104,7 +105,8 @@ def _synthetic(cfg: DataConfig, seed: int) -> Source:
                   mean=(0.5,) * 3, std=(0.25,) * 3, native_size=cfg.image_size)
 
 
-BAD_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)  # what PIL raises for unreadable files
+# what PIL raises for unreadable files (a decompression bomb is a file we will not read either)
+BAD_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
 def _image_folder_paths(root: str, field: str, on_bad: str = "skip",
@@ -133,8 +135,6 @@ def _image_folder_paths(root: str, field: str, on_bad: str = "skip",
 
 
 def _read_rgb(path: str) -> np.ndarray:
-    from PIL import Image
-
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
 
@@ -264,8 +264,6 @@ class FileImages(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
         path, label = self.items[i]
         with Image.open(path) as im:
             return im.convert("RGB"), label
@@ -273,8 +271,6 @@ class FileImages(Dataset):
 
 def _first_readable(items: list[tuple[str, int]], field: str, root: str) -> None:
     """Fail before training if not one image of a split can be decoded."""
-    from PIL import Image
-
     reasons = []
     for path, _ in items:
         try:
@@ -526,8 +522,6 @@ def decode_crop(path: str, key: int, resolution: int, *, flip: bool = True, draf
     """RandomResizedCrop + flip of one file to ``resolution`` px, as uint8 HWC. The box is drawn
     from the header's size; a JPEG is then decoded with DCT-domain scaling (1/2, 1/4, 1/8) to the
     smallest size whose crop still covers ``resolution``, and only then resized."""
-    from PIL import Image
-
     with Image.open(path) as im:
         width, height = im.size
         top, left, h, w, flipped = draw_box(key, width, height)
@@ -673,8 +667,6 @@ class EvalDecode(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
         path, label = self.items[i]
         try:
             with Image.open(path) as im:

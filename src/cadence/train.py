@@ -192,6 +192,7 @@ class Trainer:
         self.defer_check = dev.type == "cuda" and r.train.on_nonfinite == "stop"
         self._first_bad: torch.Tensor | None = None  # deferred: first step with a non-finite loss (inf: none)
         self.elapsed = 0.0  # training wall time over all sessions (s)
+        self._wall_start, self._wall_before = time.perf_counter(), 0.0  # everything, evaluation included
         self.evals: list[dict] = []
 
     def _whitening_sample(self, setup: Setup, n: int = 5000) -> torch.Tensor:
@@ -200,6 +201,11 @@ class Trainer:
         pick = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(self.recipe.seed))[:n]
         images = data.resize_batch(train_set.images[pick], self.recipe.stages[0].resolution)
         return data.normalizer(self.source, torch.device("cpu"))(images)
+
+    def wall(self) -> float:
+        """Seconds since this run's trainer was built, over all its sessions: training, evaluation,
+        checkpoints (``elapsed`` counts training steps only)."""
+        return self._wall_before + time.perf_counter() - self._wall_start
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -244,7 +250,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "step": self.step, "stage": t.stage[at], "epoch": t.epoch[at],
             "batch_in_epoch": self.step - t.epoch_starts[t.epoch[at]] if self.step < len(t) else 0,
-            "rng": checkpoint.rng_state(), "recipe": self.recipe.raw, "elapsed": self.elapsed,
+            "rng": checkpoint.rng_state(), "recipe": self.recipe.raw, "elapsed": self.elapsed, "wall": self.wall(),
             "evals": self.evals, "skipped": self.skipped,
             "ema": self.ema.state_dict() if self.ema is not None else None,
         }
@@ -266,6 +272,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         self.step, self.elapsed, self.evals = state["step"], state["elapsed"], state["evals"]
+        self._wall_before, self._wall_start = state.get("wall", state["elapsed"]), time.perf_counter()
         self.skipped = state.get("skipped", 0)
         self.saved_step = self.log_from = self.step
         if at is None:
@@ -472,7 +479,7 @@ class Trainer:
     def _eval(self, log: MetricsLog) -> dict:
         t = self.timeline
         at = self.step - 1
-        result = {"step": self.step, "stage": t.stage[at], "epoch": t.epoch[at],
+        result = {"step": self.step, "stage": t.stage[at], "epoch": t.epoch[at], "wall": round(self.wall(), 3),
                   "samples_seen": t.samples_seen[at], "time": round(self.elapsed, 3), **self.evaluate(),
                   **self._skip_count()}
         log.write(result)
