@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The schedule study of issue #7: 7 recipes (recipes/study/{short,long}/), one model (fastnet width 32),
+# The schedule study of issue #7: 8 recipes (recipes/study/{short,long}/), one model (fastnet width 32),
 # equal training images per recipe within a budget, 3 seeds, two budgets (1.5 and 3 CIFAR-10 epochs).
 #
-#   benchmarks/schedule_study.sh CIFAR10_ROOT [OUT]            # the whole study, ~1.7 h on 2 cores
-#   benchmarks/schedule_study.sh --quick CIFAR10_ROOT [OUT]    # short budget, 1 seed, ~12 min
+#   benchmarks/schedule_study.sh CIFAR10_ROOT [OUT]            # the whole study, ~1.9 h on 2 cores
+#   benchmarks/schedule_study.sh --quick CIFAR10_ROOT [OUT]    # short budget, 1 seed, ~13 min
 #
 # CIFAR10_ROOT is an ImageFolder of the JPEGs (train/, test/). Finished runs are reused and
-# unfinished ones resumed, so a killed study continues where it stopped. Each budget's
+# unfinished ones resumed, so a killed study continues where it stopped; seed 0 of both budgets
+# comes first, so a study cut short still has every recipe at both budgets. Each budget's
 # compare.html, summary.json and figures land in OUT/<budget>/ (--quick: OUT/short/, 1 seed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +27,8 @@ run() {  # budget seeds folder thresholds...
 if [ "$quick" = 1 ]; then
   run short 1 short 0.5 0.6   # seed 0 of the full study's short budget (reused by it)
 else
+  run short 1 short 0.5 0.6
+  run long 1 long 0.6 0.7
   run short 3 short 0.5 0.6
   run long 3 long 0.6 0.7
 fi

@@ -76,6 +76,8 @@ def test_compare_resumes_an_unfinished_run_and_reuses_finished_ones(tmp_path, ca
     capsys.readouterr()
     assert cli.main(["compare", recipe, "--out", str(out_dir), "--quiet"]) == 0
     assert "already trained, reusing it" in capsys.readouterr().out
+    assert cli.main(["compare", recipe, "--out", str(out_dir), "--quiet", "--set", "optimizer.lr=0.07"]) == 2
+    assert "holds a run of a different tiny recipe" in capsys.readouterr().err  # never mixed up with stale runs
 
 
 def test_compare_rejects_a_folder_that_is_not_a_run(tmp_path, capsys):

@@ -270,6 +270,9 @@ def cmd_compare(args) -> int:
                 run_dir = os.path.join(out, f"{r.name}-seed{seed}")
                 setup = train.prepare(load_recipe(p, args.sets + [f"seed={seed}"]), p)
                 started = os.path.exists(os.path.join(run_dir, "checkpoints", "last.pt"))
+                if started and not _same_recipe(run_dir, setup.recipe):
+                    raise FieldError("--out", out, f"{run_dir} holds a run of a different {r.name} recipe; "
+                                     "compare into another folder", file=p)
                 if started and _finished(run_dir, len(setup.timeline)):
                     print(f"{run_dir}: already trained, reusing it")
                 else:  # new, or stopped part-way (a killed study): continue it exactly
@@ -305,6 +308,17 @@ def cmd_compare(args) -> int:
     report.write_summary_json(summary, os.path.join(out, "summary.json"), baseline)
     print(f"wrote {report.write_compare_html(summary, out, thresholds, baseline)}")
     return 0
+
+
+def _same_recipe(run_dir: str, recipe) -> bool:
+    """Whether ``run_dir`` was trained from ``recipe`` (the LR a range test chose aside)."""
+    from cadence.recipe import load_recipe
+
+    def strip(raw: dict) -> dict:
+        return {**raw, "optimizer": {k: v for k, v in raw.get("optimizer", {}).items() if k != "lr"}}
+
+    saved = load_recipe(os.path.join(run_dir, "recipe.yaml")).raw
+    return saved == recipe.raw if recipe.optimizer.lr != "auto" else strip(saved) == strip(recipe.raw)
 
 
 def _finished(run_dir: str, steps: int) -> bool:
