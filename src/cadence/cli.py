@@ -265,8 +265,8 @@ def cmd_compare(args) -> int:
 
         for r, p in zip(loaded, recipes):
             train.prepare(r, p)  # all bad input before any training
-        for r, p in zip(loaded, recipes):
-            for seed in range(args.seeds):
+        for seed in range(args.seeds):  # seed by seed: a study cut short has every recipe at seed 0 first
+            for r, p in zip(loaded, recipes):
                 run_dir = os.path.join(out, f"{r.name}-seed{seed}")
                 setup = train.prepare(load_recipe(p, args.sets + [f"seed={seed}"]), p)
                 started = os.path.exists(os.path.join(run_dir, "checkpoints", "last.pt"))

@@ -78,7 +78,9 @@ class MetricsLog:
             rows = read_metrics(run_dir)
             keep = [r for r in rows if r["step"] < resume_step or ("val_top1" in r and r["step"] <= resume_step)]
             checkpoint.write_text_atomic("".join(json.dumps(r) + "\n" for r in keep), self.path)
-        self.file = open(self.path, "a", buffering=1)  # line-buffered: tail -f works, a kill loses nothing
+        # line-buffered: tail -f works, a kill loses nothing; at step 0 nothing before counts (a run
+        # killed before its first checkpoint starts over)
+        self.file = open(self.path, "a" if resume_step else "w", buffering=1)
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=resume_step or None)
