@@ -2,7 +2,8 @@
 # The schedule study of issue #7: 8 recipes (recipes/study/{short,long}/), one model (fastnet width 32),
 # equal training images per recipe within a budget, 3 seeds, two budgets (1.5 and 3 CIFAR-10 epochs).
 #
-#   benchmarks/schedule_study.sh CIFAR10_ROOT [OUT]            # the whole study, ~1.9 h on 2 cores
+#   benchmarks/schedule_study.sh CIFAR10_ROOT [OUT]            # the whole study, ~2 h on 2 cores (13 min
+#                                                              # per seed short, 28 min per seed long)
 #   benchmarks/schedule_study.sh --quick CIFAR10_ROOT [OUT]    # short budget, 1 seed, ~13 min
 #
 # CIFAR10_ROOT is an ImageFolder of the JPEGs (train/, test/). Finished runs are reused and
