@@ -369,7 +369,7 @@ def test_patch_whitening_stem_decorrelates_patches_and_stays_frozen():
     raw = {**TINY, "model": {"arch": "fastnet", "width": 8, "whiten": True}}
     trainer = train.Trainer(train.prepare(recipe_from_dict(raw)), run_dir="")
     stem = trainer.model.whiten
-    sample = trainer._whitening_sample(trainer.setup)
+    sample = trainer._whitening_sample()
     out = torch.nn.functional.conv2d(sample, stem.weight[:12]).permute(0, 2, 3, 1).reshape(-1, 12).double()
     cov = out.T @ out / len(out)
     values = torch.linalg.eigvalsh((lambda p: p.T @ p / len(p))(

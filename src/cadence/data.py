@@ -271,16 +271,15 @@ class FileImages(Dataset):
 
 def _first_readable(items: list[tuple[str, int]], field: str, root: str) -> None:
     """Fail before training if not one image of a split can be decoded."""
-    reasons = []
+    first = None
     for path, _ in items:
         try:
             with Image.open(path) as im:
                 im.load()
             return
         except BAD_IMAGE_ERRORS as e:
-            if len(reasons) < 1:
-                reasons.append(f"{path}: {_bad_reason(e)}")
-    raise FieldError(field, root, f"holds no readable image (first failure {reasons[0]})")
+            first = first or f"{path}: {_bad_reason(e)}"
+    raise FieldError(field, root, f"holds no readable image (first failure {first})")
 
 
 def _imagefolder(cfg: DataConfig, seed: int) -> Source:

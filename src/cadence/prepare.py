@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from cadence.data import BAD_IMAGE_ERRORS, PREPARED_MANIFEST, SHORT_SIDE_PER_PX, _bad_reason, _image_folder_paths
 from cadence.errors import FieldError
-from cadence.recipe import Recipe
+from cadence.recipe import Recipe, usable_cores
 
 PARAMS = ".prepare-params.json"  # what an unfinished copy is being made with
 
@@ -106,7 +106,7 @@ def prepare_copy(recipe: Recipe, out: str, *, short_sides: list[int] | None = No
             json.dump(params[side], f)
     jobs = [(p, [(os.path.join(folders[side], "train", os.path.relpath(p, src_root)), side) for side in todo],
              quality) for p, _ in items]
-    n = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    n = workers or usable_cores()
     counts = {"done": 0, "kept": 0, "bad": 0}
     start = time.perf_counter()
     with get_context("spawn" if sys.platform == "darwin" else "fork").Pool(n) as pool, \

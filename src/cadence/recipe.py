@@ -25,6 +25,11 @@ DIGITS_TOTAL = 1797  # images in scikit-learn's digits
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _check(cond: bool, name: str, value: object, message: str) -> None:
     if not cond:
         raise FieldError(name, value, message)
@@ -73,8 +78,7 @@ class DataConfig:
         less one for the training loop, at most 8."""
         if self.num_workers != "auto":
             return self.num_workers
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return max(1, min(8, cores - 1))
+        return max(1, min(8, usable_cores() - 1))
 
     def train_size(self) -> int:
         """Images in the training set: stated, known for the source, or counted on disk."""

@@ -158,7 +158,7 @@ class Trainer:
             model = (nn.SyncBatchNorm.convert_sync_batchnorm(model) if dev.type == "cuda"
                      else distributed.convert_sync_batchnorm(model))
         if r.model.whiten:
-            model.init_whitening(self._whitening_sample(setup))
+            model.init_whitening(self._whitening_sample())
         self.memory_format = torch.channels_last if r.train.channels_last else torch.contiguous_format
         self.model = model.to(dev, memory_format=self.memory_format)
         self.optimizer = models.build_optimizer(self.model, r.optimizer)
@@ -197,7 +197,7 @@ class Trainer:
         self._wall_start, self._wall_before = time.perf_counter(), 0.0  # everything, evaluation included
         self.evals: list[dict] = []
 
-    def _whitening_sample(self, setup: Setup, n: int = 5000) -> torch.Tensor:
+    def _whitening_sample(self, n: int = 5000) -> torch.Tensor:
         """Up to ``n`` training images (drawn from the seed), at stage 0's resolution, normalised."""
         train_set = self.source.train
         pick = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(self.recipe.seed))[:n]
