@@ -48,6 +48,8 @@ DELETE = object()
 # (id, recipe as written, --set overrides, field path, value as printed)
 CASES = [
     ("unknown key", edit("optimizer.lrr", 0.1), [], "optimizer.lrr", "0.1"),
+    ("fastnet widths: two blocks", GOOD, ["model.widths=[32, 64]"], "model.widths", "[32, 64]"),
+    ("fastnet widths: zero", GOOD, ["model.widths=[32, 0, 64]"], "model.widths", "[32, 0, 64]"),
     ("unknown top-level key", edit("epochs", 3), [], "epochs", "3"),
     ("unknown stage key", edit("stages.1.res", 64), [], "stages.1.res", "64"),
     ("unknown key in a schedule", edit("schedule.floor", 0.1), [], "schedule.floor", "0.1"),

@@ -15,6 +15,7 @@ import yaml
 
 from cadence import cli, data, train
 from cadence.errors import FieldError
+from cadence.models import build_model
 from cadence.recipe import recipe_from_dict
 from cadence.report import read_plan_csv
 
@@ -383,3 +384,14 @@ def test_patch_whitening_stem_decorrelates_patches_and_stays_frozen():
     assert torch.equal(stem.weight, before) and not stem.weight.requires_grad
     with pytest.raises(FieldError, match="patch whitening is a fastnet stem"):
         train.prepare(recipe_from_dict({**raw, "model": {"arch": "resnet18", "whiten": True}}))
+
+
+def test_fastnet_block_widths():
+    model = build_model(recipe_from_dict({**TINY, "model": {"arch": "fastnet", "widths": [8, 24, 40]}}).model, 4)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [4, 8, 8, 24, 24, 40, 40]  # stem: half the first block
+    assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 4)
+    assert [c.out_channels for c in build_model(recipe_from_dict(TINY).model, 4).modules()
+            if isinstance(c, torch.nn.Conv2d)][-1] == 32  # default: width x 4
+    with pytest.raises(FieldError, match="per-block widths are fastnet's"):
+        build_model(recipe_from_dict({**TINY, "model": {"arch": "resnet18", "widths": [8, 16, 32]}}).model, 4)

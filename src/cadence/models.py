@@ -19,9 +19,10 @@ class FastNet(nn.Module):
     in minutes on a CPU and works at any input resolution. With ``whiten``, the stem is airbench's
     frozen 2x2 patch-whitening convolution (see ``init_whitening``) followed by GELU."""
 
-    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 64, whiten: bool = False):
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 64, whiten: bool = False,
+                 widths: list[int] | None = None):
         super().__init__()
-        w = [width, 2 * width, 4 * width]
+        w = list(widths) if widths else [width, 2 * width, 4 * width]
         self.whiten = None
         if whiten:
             cin = 2 * in_channels * 4
@@ -78,7 +79,7 @@ def _cifar_resnet18(cfg: ModelConfig, num_classes: int, in_channels: int) -> nn.
 
 
 ARCHS = {
-    "fastnet": lambda cfg, n, c: FastNet(n, c, cfg.width, cfg.whiten),
+    "fastnet": lambda cfg, n, c: FastNet(n, c, cfg.width, cfg.whiten, cfg.widths),
     "cifar_resnet18": _cifar_resnet18,
     **{name: _resnet(name) for name in ("resnet18", "resnet34", "resnet50", "resnet101")},
 }
@@ -89,6 +90,8 @@ def check_arch(cfg: ModelConfig) -> None:
         raise FieldError("model.arch", cfg.arch, "no such model (have: " + ", ".join(ARCHS) + ")")
     if cfg.whiten and cfg.arch != "fastnet":
         raise FieldError("model.whiten", True, f"patch whitening is a fastnet stem, not {cfg.arch}'s")
+    if cfg.widths is not None and cfg.arch != "fastnet":
+        raise FieldError("model.widths", cfg.widths, f"per-block widths are fastnet's, not {cfg.arch}'s")
 
 
 def build_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3) -> nn.Module:

@@ -102,12 +102,15 @@ class ModelConfig:
     num_classes: int | None = None  # default: what the data has
     zero_init_residual: bool = True  # last BN of each residual block starts at 0 (Goyal et al.)
     width: int = 64  # fastnet/cifar nets: channels of the first block
+    widths: list[int] | None = None  # fastnet: channels of its three blocks (default: width x [1, 2, 4])
     whiten: bool = False  # fastnet: a frozen 2x2 patch-whitening stem set from training images (airbench)
 
     def __post_init__(self):
         _check(self.num_classes is None or self.num_classes >= 2, "num_classes", self.num_classes,
                "needs at least 2 classes")
         _check(self.width > 0, "width", self.width, "must be positive")
+        _check(self.widths is None or len(self.widths) == 3 and all(isinstance(w, int) and w > 0 for w in self.widths),
+               "widths", self.widths, "must be three positive channel counts")
 
 
 @dataclass(kw_only=True)
