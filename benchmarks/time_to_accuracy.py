@@ -1,19 +1,29 @@
 """Time to accuracy on CIFAR-10, side by side: a recipe against a baseline (e.g. the same network
-at a fixed resolution with cosine + warmup), over seeds. For each run, the wall time (data loading,
-model building, training and every evaluation included) at which held-out top-1 first reached each
-threshold, and the final top-1.
+at a fixed resolution with cosine + warmup), over seeds, and an ablation of the recipe's techniques.
+For each run, the wall time (data loading, model building, training and every evaluation included)
+at which held-out top-1 first reached each threshold, and the final top-1.
 
-    python benchmarks/time_to_accuracy.py --root /tmp/cifar --recipe RECIPE --baseline RECIPE \\
-        --seeds 0 1 2 [--thresholds 0.85 0.90] [--set key=value ...]
+    python benchmarks/time_to_accuracy.py --root /tmp/cifar --recipe recipes/cifar10-fast.yaml \\
+        --baseline recipes/cifar10-fast-baseline.yaml --seeds 0 1 2 --baseline-seeds 0 \\
+        --out runs/tta --ablate "no patch whitening: model.whiten=false" --ablate "no flip TTA: train.tta=none"
 
 Evaluations happen where the recipe says (``train.eval_every``), so a time to reach is the time
-of the first evaluation at or above the threshold.
+of the first evaluation at or above the threshold. With ``--out`` the runs are kept there
+(``<name>-s<seed>``) and a finished one is read back instead of retrained, so a long comparison
+can be run in pieces (all the recipe's seeds first, then the baseline's, then the ablations). An ablation (``"LABEL: key=value[, key=value]"``) is the recipe with those
+overrides: one that only changes evaluation (``train.tta``) re-evaluates the recipe's own finished
+runs; any other is trained on the first ``--ablate-seeds`` and read at the recipe's wall-time
+budget (its last evaluation within the recipe's mean wall time). Results go to
+``<out>/time_to_accuracy.json`` as well.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
+import shutil
 import statistics
 import tempfile
 import time
@@ -21,19 +31,59 @@ import time
 from cadence import train
 from cadence.recipe import load_recipe
 
+EVAL_ONLY = {"train.tta", "train.eval_batch_size"}  # keys that change evaluation, not training
 
-def one_run(path: str, sets: list[str], seed: int, thresholds: list[float]) -> dict:
-    start = time.perf_counter()
-    recipe = load_recipe(path, sets + [f"seed={seed}"])
-    setup = train.prepare(recipe, path)
-    loading = time.perf_counter() - start
-    with tempfile.TemporaryDirectory() as out:
-        trainer = train.Trainer.create(setup, out)
-        final = trainer.fit(progress=False)
-        evals = [r for r in train.read_metrics(out) if "val_top1" in r]
-    reach = {th: next((loading + r["wall"] for r in evals if r["val_top1"] >= th), None) for th in thresholds}
-    return {"name": recipe.name, "seed": seed, "top1": final["val_top1"], "wall": loading + evals[-1]["wall"],
-            "reach": reach}
+
+def _finished(run_dir: str) -> dict | None:
+    try:
+        with open(os.path.join(run_dir, "timing.json")) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def one_run(path: str, sets: list[str], seed: int, thresholds: list[float], run_dir: str) -> dict:
+    """Train ``path`` with ``sets`` at ``seed`` in ``run_dir`` (or read it back if finished there)."""
+    timing = _finished(run_dir)
+    if timing is None:
+        shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run: its times would be wrong, start again
+        start = time.perf_counter()
+        recipe = load_recipe(path, sets + [f"seed={seed}"])
+        setup = train.prepare(recipe, path)
+        timing = {"loading": time.perf_counter() - start, "name": recipe.name}
+        trainer = train.Trainer.create(setup, run_dir)
+        trainer.fit(progress=False)
+        with open(os.path.join(run_dir, "timing.json"), "w") as f:
+            json.dump(timing, f)
+    evals = [r for r in train.read_metrics(run_dir) if "val_top1" in r]
+    curve = [(timing["loading"] + r["wall"], r["val_top1"]) for r in evals]
+    reach = {th: next((t for t, acc in curve if acc >= th), None) for th in thresholds}
+    return {"name": timing["name"], "seed": seed, "top1": curve[-1][1], "wall": curve[-1][0], "reach": reach,
+            "curve": curve, "run_dir": run_dir}
+
+
+def reevaluate(run_dir: str, sets: list[str]) -> float:
+    """Top-1 of a finished run's last checkpoint, evaluated with ``sets`` applied to its recipe."""
+    recipe_file = os.path.join(run_dir, "recipe.yaml")
+    trainer = train.Trainer.resume(train.prepare(load_recipe(recipe_file, sets), recipe_file), run_dir)
+    return trainer.evaluate()["val_top1"]
+
+
+def parse_ablation(text: str) -> tuple[str, list[str]]:
+    label, sep, sets = text.partition(":")
+    sets = [s.strip() for s in sets.split(",") if s.strip()]
+    if not sep or not label.strip() or not sets or not all("=" in s for s in sets):
+        raise SystemExit(f"--ablate {text!r}: expected 'LABEL: key=value[, key=value]'")
+    return label.strip(), sets
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def _at_budget(curve: list[tuple[float, float]], budget: float) -> float | None:
+    within = [acc for t, acc in curve if t <= budget]
+    return within[-1] if within else None
 
 
 def main() -> None:
@@ -42,32 +92,79 @@ def main() -> None:
     p.add_argument("--recipe", required=True)
     p.add_argument("--baseline", required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--baseline-seeds", type=int, nargs="*", default=None, help="default: --seeds")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.85, 0.90])
     p.add_argument("--set", dest="sets", action="append", default=[])
+    p.add_argument("--out", help="keep the runs here (default: a temporary folder)")
+    p.add_argument("--ablate", action="append", default=[], metavar="'LABEL: key=value[, ...]'")
+    p.add_argument("--ablate-seeds", type=int, nargs="+", default=None, help="default: the first seed")
     a = p.parse_args()
+    ablations = [parse_ablation(t) for t in a.ablate]
+    base_seeds = a.seeds if a.baseline_seeds is None else a.baseline_seeds
+    ablate_seeds = a.seeds[:1] if a.ablate_seeds is None else a.ablate_seeds
     sets = [f"data.root={a.root}", *a.sets]
-    results = {"recipe": [], "baseline": []}
-    for seed in a.seeds:
-        for role, path in (("recipe", a.recipe), ("baseline", a.baseline)):
-            r = one_run(path, sets, seed, a.thresholds)
-            results[role].append(r)
-            reach = ", ".join(f"{100 * th:g}% at " + ("never" if t is None else f"{t:.0f} s") for th, t in r["reach"].items())
-            print(f"seed {seed} {r['name']}: top-1 {100 * r['top1']:.2f}% after {r['wall']:.0f} s; {reach}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = a.out or tmp
+        os.makedirs(out, exist_ok=True)
+
+        def run(role: str, path: str, seed: int, extra: list[str] = (), slug: str = "") -> dict:
+            name = load_recipe(path, sets).name
+            r = one_run(path, sets + list(extra), seed, a.thresholds,
+                        os.path.join(out, f"{name}{'-' + slug if slug else ''}-s{seed}"))
+            reach = ", ".join(f"{100 * th:g}% at " + ("never" if t is None else f"{t:.0f} s")
+                              for th, t in r["reach"].items())
+            print(f"seed {seed} {role}: top-1 {100 * r['top1']:.2f}% after {r['wall']:.0f} s; {reach}", flush=True)
+            return r
+
+        results = {"recipe": [run("recipe", a.recipe, seed) for seed in a.seeds],
+                   "baseline": [run("baseline", a.baseline, seed) for seed in base_seeds]}
+        budget = statistics.mean(r["wall"] for r in results["recipe"])
+        ablated = []
+        for label, extra in ablations:
+            if all(s.split("=", 1)[0] in EVAL_ONLY for s in extra):
+                accs = [reevaluate(r["run_dir"], extra) for r in results["recipe"]]
+                seeds, kind = [r["seed"] for r in results["recipe"]], "re-evaluated"
+            else:
+                slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+                runs = [run(f"ablation '{label}'", a.recipe, seed, extra, slug) for seed in ablate_seeds]
+                accs, seeds, kind = [_at_budget(r["curve"], budget) for r in runs], ablate_seeds, "trained"
+            same = [r["top1"] for r in results["recipe"] if r["seed"] in seeds]
+            ablated.append({"label": label, "sets": extra, "kind": kind, "seeds": seeds, "top1": accs,
+                            "recipe_top1": same})
+        report = {"recipe": a.recipe, "baseline": a.baseline, "budget_s": budget, "results": results,
+                  "ablations": ablated, "thresholds": a.thresholds}
+        with open(os.path.join(out, "time_to_accuracy.json"), "w") as f:
+            json.dump(report, f, indent=1)
+
     print()
     for th in a.thresholds:
-        cells = []
+        cells, means = [], []
         for role in ("recipe", "baseline"):
             times = [r["reach"][th] for r in results[role]]
-            cells.append("never (some seed)" if None in times else
-                         f"{statistics.mean(times):.0f} +- {statistics.stdev(times) if len(times) > 1 else 0:.0f} s")
-        ratio = ""
-        if "never" not in cells[0] and "never" not in cells[1]:
-            ratio = f", ratio {statistics.mean(r['reach'][th] for r in results['recipe']) / statistics.mean(r['reach'][th] for r in results['baseline']):.2f}"
-        print(f"time to {100 * th:g}%: {os.path.basename(a.recipe)} {cells[0]}, {os.path.basename(a.baseline)} {cells[1]}{ratio}")
-    for role in ("recipe", "baseline"):
+            if None in times:
+                ran = max(r["wall"] for r in results[role])
+                cells.append(f"never within {ran:.0f} s ({times.count(None)} of {len(times)} seeds)")
+                means.append(None)
+            else:
+                m, s = _mean_std(times)
+                cells.append(f"{m:.0f} +- {s:.0f} s")
+                means.append(m)
+        ratio = f", ratio {means[0] / means[1]:.2f}" if None not in means else ""
+        print(f"time to {100 * th:g}%: recipe {cells[0]}, baseline {cells[1]}{ratio}")
+    for role, seeds in (("recipe", a.seeds), ("baseline", base_seeds)):
         accs = [r["top1"] for r in results[role]]
-        print(f"final top-1, {role}: {100 * statistics.mean(accs):.2f} +- "
-              f"{100 * (statistics.stdev(accs) if len(accs) > 1 else 0):.2f}% (seeds {a.seeds})")
+        m, s = _mean_std(accs)
+        walls = [r["wall"] for r in results[role]]
+        print(f"final top-1, {role}: {100 * m:.2f} +- {100 * s:.2f}% (min {100 * min(accs):.2f}%), "
+              f"wall {statistics.mean(walls):.0f} s (max {max(walls):.0f} s), seeds {seeds}")
+    for ab in ablated:
+        if None in ab["top1"]:
+            print(f"ablation '{ab['label']}': no evaluation within the recipe's {budget:.0f} s")
+            continue
+        m, _ = _mean_std(ab["top1"])
+        delta = m - statistics.mean(ab["recipe_top1"])
+        print(f"ablation '{ab['label']}' ({ab['kind']}, seeds {ab['seeds']}): top-1 {100 * m:.2f}% at the "
+              f"recipe's {budget:.0f} s, {100 * delta:+.2f} points against the recipe")
 
 
 if __name__ == "__main__":
