@@ -335,6 +335,14 @@ class Trainer:
         self.scheduler.step()
         return loss.detach()
 
+    def _empty(self, y: torch.Tensor) -> bool:
+        """True if this step has no images to train on. Under DDP the ranks decide together (a rank
+        that skipped the backward would leave the others waiting in the gradient all-reduce), so a
+        batch whose images were all unreadable on one rank is skipped on every rank."""
+        if self.world == 1 or self.source.native_size is not None or self.recipe.data.on_bad_image != "skip":
+            return not len(y)
+        return not distributed.all_reduce_min(torch.tensor([len(y)], device=self.device)).item()
+
     def _nonfinite(self, loss: torch.Tensor) -> bool:
         """True if step ``self.step``'s loss is non-finite on some rank and the update is to be skipped;
         raises Diverged under 'stop' (or notes the step on the device, when the check is deferred)."""
@@ -446,7 +454,7 @@ class Trainer:
         for x, y in loader:
             s = self.step
             lr, momentum = self.optimizer.param_groups[0]["lr"], get_momentum(self.optimizer)
-            if not len(y):  # every image of the batch was unreadable: the plan moves on regardless
+            if self._empty(y):  # every image of the batch was unreadable: the plan moves on regardless
                 self.scheduler.step()
                 self.step += 1
                 bar.update(1)
