@@ -1,0 +1,64 @@
+"""Training-step speed of a recipe's model against variants of it (precision, memory format,
+torch.compile), side by side in one process: images/s of ``train_step`` on one fixed batch at each
+stage's resolution, and the time of the first step (where torch.compile pays its compile time).
+
+    python benchmarks/step_speed.py recipes/cifar10-fast.yaml --set data.root=/path/to/cifar10 \\
+        --variant "fp32: train.precision=fp32" --variant "NCHW: train.channels_last=false" \\
+        --variant "compiled: train.compile=true"
+
+Rounds alternate between the variants, so slow drifts of a shared machine hit all of them alike;
+the median round is reported with the ratio to the recipe as written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from cadence import train
+from cadence.recipe import load_recipe
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe")
+    p.add_argument("--set", dest="sets", action="append", default=[])
+    p.add_argument("--variant", action="append", default=[], metavar="'LABEL: key=value[, ...]'")
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps per round")
+    p.add_argument("--rounds", type=int, default=3)
+    a = p.parse_args()
+    variants = [("as written", [])]
+    for text in a.variant:
+        label, _, sets = text.partition(":")
+        variants.append((label.strip(), [s.strip() for s in sets.split(",") if s.strip()]))
+    trainers = {}
+    for label, sets in variants:
+        recipe = load_recipe(a.recipe, a.sets + sets)
+        trainers[label] = train.Trainer(train.prepare(recipe, a.recipe), run_dir="")
+    first = trainers["as written"]
+    t = first.timeline
+    for k, stage in enumerate(first.recipe.stages):
+        x, y = next(iter(first.loader(k, t.epoch[t.stage_starts[k]])))
+        rates, warm = {label: [] for label in trainers}, {}
+        for label, trainer in trainers.items():
+            start = time.perf_counter()
+            trainer.train_step(trainer.prep(x), y)  # first step at this size: compiles, if compiling
+            warm[label] = time.perf_counter() - start
+        for _ in range(a.rounds):
+            for label, trainer in trainers.items():
+                trainer.step = trainer.scheduler.last_epoch = t.stage_starts[k]  # stay inside the plan
+                batch = trainer.prep(x), y
+                start = time.perf_counter()
+                for _ in range(a.steps):
+                    trainer.train_step(*batch)
+                rates[label].append(a.steps * len(y) / (time.perf_counter() - start))
+        base = statistics.median(rates["as written"])
+        for label, r in rates.items():
+            m = statistics.median(r)
+            print(f"stage {k} {stage.resolution}px batch {len(y)} {label}: {m:.0f} img/s ({m / base:.2f}x), "
+                  f"first step {warm[label]:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
