@@ -18,6 +18,7 @@ import time
 
 from cadence import train
 from cadence.recipe import load_recipe
+from time_to_accuracy import parse_ablation  # the same 'LABEL: key=value[, ...]' format
 
 
 def main() -> None:
@@ -28,10 +29,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per round")
     p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args()
-    variants = [("as written", [])]
-    for text in a.variant:
-        label, _, sets = text.partition(":")
-        variants.append((label.strip(), [s.strip() for s in sets.split(",") if s.strip()]))
+    variants = [("as written", [])] + [parse_ablation(text) for text in a.variant]
     trainers = {}
     for label, sets in variants:
         recipe = load_recipe(a.recipe, a.sets + sets)

@@ -76,7 +76,7 @@ def parse_ablation(text: str) -> tuple[str, list[str]]:
     label, sep, sets = text.partition(":")
     sets = [s.strip() for s in sets.split(",") if s.strip()]
     if not sep or not label.strip() or not sets or not all("=" in s for s in sets):
-        raise SystemExit(f"--ablate {text!r}: expected 'LABEL: key=value[, key=value]'")
+        raise SystemExit(f"{text!r}: expected 'LABEL: key=value[, key=value]'")
     return label.strip(), sets
 
 
