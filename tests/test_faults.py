@@ -117,6 +117,15 @@ def test_an_unwritable_run_directory_is_one_line(tmp_path, capsys):
     assert (run_dir / "checkpoints" / "last.pt").read_bytes() == before
 
 
+def test_a_new_run_directory_that_cannot_be_made_is_bad_input(tmp_path, capsys):
+    recipe, blocker = write_recipe(tmp_path, TINY), tmp_path / "a-file"
+    blocker.write_text("not a folder")  # works as root too, unlike a read-only folder
+    assert cli.main(["train", recipe, "--out", str(blocker / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out" in err[0] and str(blocker / "r") in err[0] and "cannot create it" in err[0]
+    assert blocker.read_text() == "not a folder"
+
+
 # -- divergence -----------------------------------------------------------------------------------
 
 

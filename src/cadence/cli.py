@@ -103,6 +103,11 @@ def cmd_train(args) -> int:
     if recipe.optimizer.lr == "auto":
         setup = train.find_auto_lr(setup, recipe_file, progress=not args.quiet and setup.dist.main)
         say(f"optimizer.lr: auto -> {setup.recipe.optimizer.lr:.4g} (LR range test on stage 0)", file=sys.stderr)
+    if not args.resume and setup.dist.main:  # a new run's folder that cannot be made is bad input, not a crash
+        try:
+            os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        except OSError as e:
+            raise FieldError("--out", run_dir, f"cannot create it: {e.strerror or e}") from None
     ranks = f" x {setup.dist.world} ranks" if setup.dist.active else ""
     say(f"{recipe.name}: {len(setup.timeline):,} steps over {len(recipe.stages)} stage(s) on "
         f"{setup.device}{ranks}; run directory {run_dir}", file=sys.stderr)
