@@ -395,3 +395,24 @@ def test_fastnet_block_widths():
             if isinstance(c, torch.nn.Conv2d)][-1] == 32  # default: width x 4
     with pytest.raises(FieldError, match="per-block widths are fastnet's"):
         build_model(recipe_from_dict({**TINY, "model": {"arch": "resnet18", "widths": [8, 16, 32]}}).model, 4)
+
+
+@pytest.mark.parametrize("resume_step", [0, 3])
+def test_tensorboard_drops_the_steps_a_resume_redoes(tmp_path, resume_step):
+    """A run restarted at ``resume_step`` (0: killed before its first checkpoint) logs those steps
+    again; TensorBoard must show each step once, from the new session."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = train.MetricsLog(str(tmp_path), 0)
+    for s in range(6):
+        log.write({"step": s, "loss": 1.0})
+    log.close()
+    time.sleep(1.1)  # event files are named by the second they were opened in
+    log = train.MetricsLog(str(tmp_path), resume_step)
+    for s in range(resume_step, 5):
+        log.write({"step": s, "loss": 2.0})
+    log.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    got = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert got == [(s, 1.0) for s in range(resume_step)] + [(s, 2.0) for s in range(resume_step, 5)]

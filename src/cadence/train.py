@@ -83,7 +83,8 @@ class MetricsLog:
         self.file = open(self.path, "a" if resume_step else "w", buffering=1)
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=resume_step or None)
+        # TensorBoard's own mechanism: readers drop the earlier files' events from resume_step on (all, at 0)
+        self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=resume_step)
 
     def write(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")
