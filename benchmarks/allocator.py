@@ -65,7 +65,7 @@ def main() -> None:
             rate = statistics.median(r["img_s"] for r in rows)
             print(f"stage {k} {stage.resolution}px batch {stage.batch_size} {label}: {rate:.0f} img/s "
                   f"({rate / base:.2f}x), {statistics.median(r['faults'] for r in rows):,.0f} page faults/step, "
-                  f"{100 * statistics.median(r['sys'] for r in rows):.0f}% in the kernel, "
+                  f"{statistics.median(r['sys'] for r in rows):.2f} CPU-s/s in the kernel, "
                   f"peak RSS {max(r['rss_gb'] for r in rows):.2f} GB", flush=True)
 
 
