@@ -218,6 +218,7 @@ def test_an_existing_run_is_not_overwritten(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.filterwarnings("error:Detected call of:UserWarning")  # fp16 skips a step; the plan moves on quietly
 def test_mixed_precision_and_channels_last_train(tmp_path, precision):
     raw = {**TINY, "stages": [{"epochs": 1, "resolution": 16, "batch_size": 16}],
            "train": {"device": "cpu", "precision": precision, "channels_last": True, "eval_every": "end"}}

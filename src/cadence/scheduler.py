@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch.optim import Optimizer
@@ -44,7 +45,10 @@ class StepScheduler(LRScheduler):
                 for g in self.optimizer.param_groups]
 
     def step(self, epoch: int | None = None) -> None:
-        super().step(epoch)
+        with warnings.catch_warnings():  # a step whose optimizer.step() was skipped (fp16 overflow, an
+            # unreadable batch) still moves the plan on, by design: torch's warning about it is not for us
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            super().step(epoch)
         if self.timeline.cycles_momentum:
             set_momentum(self.optimizer, self.timeline.momentum[self._index()])
 
