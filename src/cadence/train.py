@@ -42,8 +42,9 @@ def keep_freed_memory() -> bool:
     only above 1 GiB). A CPU training step allocates and frees activations of tens of MB; glibc maps
     each fresh from the kernel (above 32 MB it always does) and unmaps it when freed, so every step
     page-faults its activations in again: ~50,000 faults per step for the fast CIFAR-10 recipe at 24
-    and 32 px, 10-14% of the step rate (benchmarks/allocator.py). The price: resident memory stays at
-    its peak (+5-15% there). Once per process; False where it does not apply (not glibc)."""
+    and 32 px, 4-5% of its step rate and a third of each evaluation (benchmarks/allocator.py). The
+    price: resident memory stays at its peak (up to +13% there). Where the heap cannot grow, glibc
+    still falls back to mmap. Once per process; False where it does not apply (not glibc)."""
     if not _MALLOC_TUNED:
         import ctypes
         import platform
