@@ -429,11 +429,13 @@ def test_cpu_training_reuses_freed_memory_instead_of_faulting_it_in(tuned):
 import resource, torch
 from cadence import train
 assert train.keep_freed_memory() if {tuned} else True
-for _ in range(2):  # allocated, touched and freed: the heap grows to hold it
+for _ in range(3):  # allocated, touched and freed: the heap grows to hold it
     torch.ones(16 * 2**20)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-x = torch.ones(16 * 2**20)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+for _ in range(3):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 * 2**20)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
-    faults = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    faults = min(int(line) for line in out.split())  # the steady state, as in a training loop
     assert faults < 1000 if tuned else faults >= 16 * 2**20 * 4 // 4096
