@@ -14,7 +14,8 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
+
+from step_speed import fixed_batch_rate, stage_batch  # the same timed fixed-batch steps
 
 
 def measure(recipe_file: str, sets: list[str], stage: int, steps: int, default_malloc: bool) -> dict:
@@ -24,17 +25,13 @@ def measure(recipe_file: str, sets: list[str], stage: int, steps: int, default_m
     if default_malloc:
         train.keep_freed_memory = lambda: False  # prepare() calls it through the module
     trainer = train.Trainer(train.prepare(load_recipe(recipe_file, sets), recipe_file), run_dir="")
-    t = trainer.timeline
-    x, y = next(iter(trainer.loader(stage, t.epoch[t.stage_starts[stage]])))
+    x, y = stage_batch(trainer, stage)
     batch = trainer.prep(x), y
-    for _ in range(2):  # first steps: oneDNN primitives, the allocator's first growth
-        trainer.train_step(*batch)
-    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    for _ in range(steps):
-        trainer.step = trainer.scheduler.last_epoch = t.stage_starts[stage]  # stay inside the plan
-        trainer.train_step(*batch)
-    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
-    return {"img_s": steps * len(y) / seconds, "faults": (after.ru_minflt - before.ru_minflt) / steps,
+    fixed_batch_rate(trainer, stage, batch, 2)  # first steps: oneDNN primitives, the allocator's first growth
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    img_s = fixed_batch_rate(trainer, stage, batch, steps)
+    after, seconds = resource.getrusage(resource.RUSAGE_SELF), steps * len(y) / img_s
+    return {"img_s": img_s, "faults": (after.ru_minflt - before.ru_minflt) / steps,
             "sys": (after.ru_stime - before.ru_stime) / seconds, "rss_gb": after.ru_maxrss / 2**20}
 
 

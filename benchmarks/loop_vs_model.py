@@ -16,6 +16,7 @@ import time
 
 from cadence import train
 from cadence.recipe import load_recipe
+from step_speed import fixed_batch_rate  # the same timed fixed-batch steps
 
 
 def main() -> None:
@@ -36,11 +37,7 @@ def main() -> None:
         trainer.train_step(*fixed)  # warm-up at this size
         model_rates, loop_rates = [], []
         for _ in range(a.rounds):
-            trainer.step = trainer.scheduler.last_epoch = t.stage_starts[k]  # stay inside the plan
-            start = time.perf_counter()
-            for _ in range(a.steps):
-                trainer.train_step(*fixed)
-            model_rates.append(a.steps * len(y0) / (time.perf_counter() - start))
+            model_rates.append(fixed_batch_rate(trainer, k, fixed, a.steps))
             trainer.scheduler.last_epoch = t.stage_starts[k]
             start, n = time.perf_counter(), 0
             for _ in range(a.steps):

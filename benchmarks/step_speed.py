@@ -21,6 +21,22 @@ from cadence.recipe import load_recipe
 from time_to_accuracy import parse_ablation  # the same 'LABEL: key=value[, ...]' format
 
 
+def stage_batch(trainer: train.Trainer, k: int):
+    """The first batch of stage ``k`` from ``trainer``'s own loader, as it comes (not yet prepped)."""
+    t = trainer.timeline
+    return next(iter(trainer.loader(k, t.epoch[t.stage_starts[k]])))
+
+
+def fixed_batch_rate(trainer: train.Trainer, k: int, batch, steps: int) -> float:
+    """images/s of ``steps`` ``train_step`` calls on one prepped ``batch``, the schedule put back at
+    stage ``k``'s start first (so it stays inside the plan however many rounds run)."""
+    trainer.step = trainer.scheduler.last_epoch = trainer.timeline.stage_starts[k]
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(*batch)
+    return steps * len(batch[1]) / (time.perf_counter() - start)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe")
@@ -35,9 +51,8 @@ def main() -> None:
         recipe = load_recipe(a.recipe, a.sets + sets)
         trainers[label] = train.Trainer(train.prepare(recipe, a.recipe), run_dir="")
     first = trainers["as written"]
-    t = first.timeline
     for k, stage in enumerate(first.recipe.stages):
-        x, y = next(iter(first.loader(k, t.epoch[t.stage_starts[k]])))
+        x, y = stage_batch(first, k)
         rates, warm = {label: [] for label in trainers}, {}
         for label, trainer in trainers.items():
             start = time.perf_counter()
@@ -45,12 +60,7 @@ def main() -> None:
             warm[label] = time.perf_counter() - start
         for _ in range(a.rounds):
             for label, trainer in trainers.items():
-                trainer.step = trainer.scheduler.last_epoch = t.stage_starts[k]  # stay inside the plan
-                batch = trainer.prep(x), y
-                start = time.perf_counter()
-                for _ in range(a.steps):
-                    trainer.train_step(*batch)
-                rates[label].append(a.steps * len(y) / (time.perf_counter() - start))
+                rates[label].append(fixed_batch_rate(trainer, k, (trainer.prep(x), y), a.steps))
         base = statistics.median(rates["as written"])
         for label, r in rates.items():
             m = statistics.median(r)

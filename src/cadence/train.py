@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -34,9 +35,7 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-_MALLOC_TUNED: list[bool] = []
-
-
+@functools.cache  # once per process
 def keep_freed_memory() -> bool:
     """On glibc, serve large blocks from the heap and keep freed memory mapped (mallopt: no mmap, trim
     only above 1 GiB). A CPU training step allocates and frees activations of tens of MB; glibc maps
@@ -44,18 +43,15 @@ def keep_freed_memory() -> bool:
     page-faults its activations in again: ~50,000 faults per step for the fast CIFAR-10 recipe at 24
     and 32 px, 4-5% of its step rate and a third of each evaluation (benchmarks/allocator.py). The
     price: resident memory stays at its peak (up to +13% there). Where the heap cannot grow, glibc
-    still falls back to mmap. Once per process; False where it does not apply (not glibc)."""
-    if not _MALLOC_TUNED:
-        import ctypes
-        import platform
+    still falls back to mmap. False where it does not apply (not glibc)."""
+    import ctypes
+    import platform
 
-        ok = False
-        if platform.libc_ver()[0] == "glibc":
-            libc = ctypes.CDLL(None)
-            m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
-            ok = bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-        _MALLOC_TUNED.append(ok)
-    return _MALLOC_TUNED[0]
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 @dataclass
