@@ -85,6 +85,21 @@ def test_resume_is_bitwise_exact(tmp_path, raw, stop_at):
     assert train_rows(str(tmp_path / "part")) == train_rows(str(tmp_path / "full"))
 
 
+@pytest.mark.parametrize("stop_at", [5, 7])
+def test_evaluation_every_n_steps_is_logged_and_resumes_exactly(tmp_path, stop_at):
+    raw = TINY | {"train": TINY["train"] | {"eval_every": 5}}
+    full, final = run(raw, str(tmp_path / "full"))
+    assert [e["step"] for e in full.evals] == [5, 10, 12]  # every 5 steps, and the end of training
+    assert final == full.evals[-1]
+    evals = [r for r in train.read_metrics(str(tmp_path / "full")) if "val_top1" in r]
+    assert [r["step"] for r in evals] == [5, 10, 12]
+    assert [r["time"] for r in evals] == sorted(r["time"] for r in evals)
+    run(raw, str(tmp_path / "part"), stop_at=stop_at)
+    resumed, _ = run(raw, str(tmp_path / "part"), resume=True)
+    assert_same_state(full, resumed)
+    assert train_rows(str(tmp_path / "part")) == train_rows(str(tmp_path / "full"))
+
+
 def test_resume_through_the_cli(tmp_path, capsys):
     recipe = write_recipe(tmp_path, TINY)
     assert cli.main(["train", recipe, "--out", str(tmp_path / "a"), "--quiet"]) == 0
@@ -195,6 +210,7 @@ def _cadence(*args: str, cwd: str) -> subprocess.CompletedProcess:
     ("model.arch=resnet9000", "model.arch"),
     ("model.num_classes=7", "model.num_classes"),
     ("data.train_samples=999", "data.train_samples"),
+    ("train.eval_every=0", "train.eval_every"),
 ])
 def test_bad_training_input_exits_2_and_leaves_nothing(tmp_path, override, field):
     recipe = write_recipe(tmp_path, TINY | {"data": {"source": "digits"}})

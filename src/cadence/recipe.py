@@ -152,7 +152,7 @@ class TrainConfig:
     sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch
     label_smoothing: float = 0.0
     eval_resolution: int | None = None  # default: the last stage's resolution
-    eval_every: Literal["epoch", "stage", "end"] = "epoch"
+    eval_every: int | Literal["epoch", "stage", "end"] = "epoch"  # N: every N optimizer steps (and at the end)
     eval_batch_size: int = 256
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0: only at epoch ends)
     log_every: int = 1  # optimizer steps between metrics.jsonl rows
@@ -167,6 +167,8 @@ class TrainConfig:
         _check(self.eval_batch_size > 0, "eval_batch_size", self.eval_batch_size, "must be positive")
         _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "must be >= 0")
         _check(self.log_every >= 1, "log_every", self.log_every, "must be >= 1")
+        _check(not isinstance(self.eval_every, int) or self.eval_every >= 1, "eval_every", self.eval_every,
+               "must be a number of steps >= 1, or epoch, stage or end")
         _check(self.ema is None or 0 < self.ema < 1, "ema", self.ema, "must be in (0, 1) (or unset)")
 
 

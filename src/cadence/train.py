@@ -498,6 +498,10 @@ class Trainer:
                                 img_s=f"{images / max(now - tick, 1e-9):.0f}", refresh=False)
                 tick, images = now, 0
             bar.update(1)
+            if isinstance(r.train.eval_every, int) and self.step % r.train.eval_every == 0:
+                self.elapsed += time.perf_counter() - tick  # evaluation is not training time
+                self._eval(log)
+                tick, images = time.perf_counter(), 0
             if r.train.checkpoint_every and self.step % r.train.checkpoint_every == 0 and self.step < last:
                 self.save()
             if (self.step >= end or self.signals.received is not None) and self.step < last:
