@@ -288,16 +288,16 @@ def summarize_runs(run_dirs: list[str], thresholds: tuple[float, ...] = ()) -> d
 
 
 def plot_runs_overlay(summary: dict[str, dict], path: str) -> None:
-    """Held-out top-1 against epochs and against training wall time, every seed drawn."""
+    """Held-out top-1 against training images seen and against training wall time, every seed drawn
+    (images, not epochs: evaluations may fall mid-epoch, and budgets in a study are equal in images)."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
     for i, (name, s) in enumerate(summary.items()):
         for j, rows in enumerate(s["runs"]):
             ev = [r for r in rows if "val_top1" in r]
-            for c, key in enumerate(("epoch", "time")):
-                xs = [r[key] + (1 if key == "epoch" else 0) for r in ev]
-                axes[c].plot(xs, [100 * r["val_top1"] for r in ev], "o-", color=f"C{i}", markersize=3,
-                             alpha=0.8, label=name if j == 0 and c == 0 else None)
-    axes[0].set_xlabel("epochs completed")
+            for c, key in enumerate(("samples_seen", "time")):
+                axes[c].plot([r[key] for r in ev], [100 * r["val_top1"] for r in ev], "o-", color=f"C{i}",
+                             markersize=3, alpha=0.8, label=name if j == 0 and c == 0 else None)
+    axes[0].set_xlabel("training images seen")
     axes[1].set_xlabel("training wall time (s)")
     for ax in axes:
         ax.set_ylabel("held-out top-1 (%)")
