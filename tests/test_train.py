@@ -423,6 +423,8 @@ def test_tensorboard_drops_the_steps_a_resume_redoes(tmp_path, resume_step):
     log = train.MetricsLog(str(tmp_path), 0)
     for s in range(6):
         log.write({"step": s, "loss": 1.0})
+        if s == 2:  # an evaluation after step 2 is logged at 3, the step a checkpoint there resumes at
+            log.write({"step": 3, "val_top1": 0.5})
     log.close()
     time.sleep(1.1)  # event files are named by the second they were opened in
     log = train.MetricsLog(str(tmp_path), resume_step)
@@ -433,6 +435,8 @@ def test_tensorboard_drops_the_steps_a_resume_redoes(tmp_path, resume_step):
     acc.Reload()
     got = [(e.step, e.value) for e in acc.Scalars("train/loss")]
     assert got == [(s, 1.0) for s in range(resume_step)] + [(s, 2.0) for s in range(resume_step, 5)]
+    evals = [(e.step, e.value) for e in acc.Scalars("val_top1")] if "val_top1" in acc.Tags()["scalars"] else []
+    assert evals == ([(3, 0.5)] if resume_step == 3 else [])  # kept with the checkpoint; at 0 all starts over
 
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="a glibc malloc setting")

@@ -96,6 +96,7 @@ class MetricsLog:
 
     def __init__(self, run_dir: str, resume_step: int = 0):
         self.path = os.path.join(run_dir, "metrics.jsonl")
+        keep = []
         if os.path.exists(self.path):  # drop rows past the checkpoint we resume from (all, at step 0)
             rows = read_metrics(run_dir)
             keep = [r for r in rows if r["step"] < resume_step or ("val_top1" in r and r["step"] <= resume_step)]
@@ -107,9 +108,15 @@ class MetricsLog:
 
         # TensorBoard's own mechanism: readers drop the earlier files' events from resume_step on (all, at 0)
         self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=resume_step)
+        for row in keep:  # the purge hides the evaluation the checkpoint ended on: log it again
+            if row["step"] == resume_step:
+                self._scalars(row)
 
     def write(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")
+        self._scalars(row)
+
+    def _scalars(self, row: dict) -> None:
         for key in ("loss", "lr", "momentum", "val_top1", "val_top5", "val_loss"):
             if key in row:
                 self.tb.add_scalar(key if key.startswith("val") else f"train/{key}", row[key], row["step"])
