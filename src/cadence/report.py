@@ -263,7 +263,10 @@ def plot_recipe_change(old: Timeline, done: int, new: Timeline, at: dict[str, in
 
 def summarize_runs(run_dirs: list[str], thresholds: tuple[float, ...] = ()) -> dict[str, dict]:
     """Per recipe name (seeds grouped): final top-1 (mean, std, n), training time and, for each
-    threshold, the mean time to first reach it (None if some seed never did)."""
+    threshold, the time to first reach it on the seeds' mean curve (top-1 and training time averaged
+    per evaluation; a recipe's seeds evaluate at the same steps), so a recipe reaches its own mean
+    final top-1 at the latest at its end. Seeds evaluated at different steps: the mean of each seed's
+    time to reach it, None if some seed never did."""
     import statistics
 
     groups: dict[str, list[list[dict]]] = {}
@@ -278,10 +281,18 @@ def summarize_runs(run_dirs: list[str], thresholds: tuple[float, ...] = ()) -> d
         finals = [[r for r in rows if "val_top1" in r][-1] for rows in runs]
         top1 = [f["val_top1"] for f in finals]
         times = [f["time"] for f in finals]
+        evals = [[r for r in rows if "val_top1" in r] for rows in runs]
+        curve = None
+        if all([r["step"] for r in ev] == [r["step"] for r in evals[0]] for ev in evals):
+            curve = [(statistics.mean(r["time"] for r in at), statistics.mean(r["val_top1"] for r in at))
+                     for at in zip(*evals)]
         reach = {}
         for th in thresholds:
-            hits = [next((r["time"] for r in rows if "val_top1" in r and r["val_top1"] >= th), None) for rows in runs]
-            reach[th] = None if None in hits else sum(hits) / len(hits)
+            if curve is not None:
+                reach[th] = next((t for t, top1 in curve if top1 >= th), None)
+                continue
+            hits = [next((r["time"] for r in ev if r["val_top1"] >= th), None) for ev in evals]
+            reach[th] = None if None in hits else statistics.mean(hits)
         out[name] = {"top1_mean": statistics.mean(top1), "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
                      "n": len(top1), "time_mean": statistics.mean(times), "reach": reach, "runs": runs}
     return out
