@@ -261,8 +261,10 @@ def cmd_compare(args) -> int:
         plot = args.plot or os.path.join(out, "plans.png")
         os.makedirs(os.path.dirname(os.path.abspath(plot)), exist_ok=True)
         report.plot_plans_overlay(timelines, plot)
+        auto = {r.name for r in loaded if r.optimizer.lr == "auto"}
         for name, t in timelines.items():
-            print(f"{name}: {len(t):,} steps, {t.samples_seen[-1]:,} images, peak LR {max(t.lr):.4g}")
+            peak = "auto (the range test picks it; plotted as 1)" if name in auto else f"{max(t.lr):.4g}"
+            print(f"{name}: {len(t):,} steps, {t.samples_seen[-1]:,} images, peak LR {peak}")
         print(f"wrote {plot}")
         return 0
     if recipes:  # train every recipe for every seed
