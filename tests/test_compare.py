@@ -9,6 +9,7 @@ import os
 import pytest
 
 from cadence import cli, train
+from cadence.recipe import load_recipe
 from test_train import ROOT, TINY, write_recipe
 
 
@@ -83,6 +84,13 @@ def test_compare_resumes_an_unfinished_run_and_reuses_finished_ones(tmp_path, ca
     capsys.readouterr()
     assert cli.main(["compare", recipe, "--out", str(out_dir), "--quiet"]) == 0
     assert "already trained, reusing it" in capsys.readouterr().out
+    part = tmp_path / "part"  # stopped part-way: compare continues it at the LR the run recorded
+    assert cli.main(["train", recipe, "--out", str(part / "tiny-seed0"), "--quiet", "--max-steps", "4"]) == 0
+    picked = load_recipe(str(part / "tiny-seed0" / "recipe.yaml")).optimizer.lr
+    assert cli.main(["compare", recipe, "--out", str(part), "--quiet"]) == 0
+    rows = [r for r in train.read_metrics(str(part / "tiny-seed0")) if "lr" in r]
+    assert [r["step"] for r in rows] == list(range(12)) and "auto ->" not in capsys.readouterr().out
+    assert load_recipe(str(part / "tiny-seed0" / "recipe.yaml")).optimizer.lr == picked
     assert cli.main(["compare", recipe, "--out", str(out_dir), "--quiet", "--set", "optimizer.lr=0.07"]) == 2
     assert "holds a run of a different tiny recipe" in capsys.readouterr().err  # never mixed up with stale runs
 
@@ -90,3 +98,19 @@ def test_compare_resumes_an_unfinished_run_and_reuses_finished_ones(tmp_path, ca
 def test_compare_rejects_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert cli.main(["compare", str(tmp_path)]) == 2
     assert "not a finished run directory" in capsys.readouterr().err
+
+
+def test_compare_runs_the_range_test_for_lr_auto(tmp_path, capsys):
+    """``optimizer.lr: auto`` in compare: the range test picks the LR, as in ``cadence train`` (it
+    trained at the plan's placeholder 1.0), and a resumed run keeps the LR it recorded."""
+    recipe = write_recipe(tmp_path, TINY | {"optimizer": TINY["optimizer"] | {"lr": "auto"}})
+    out_dir = tmp_path / "cmp"
+    assert cli.main(["compare", recipe, "--out", str(out_dir), "--quiet"]) == 0
+    run = out_dir / "tiny-seed0"
+    recorded = load_recipe(str(run / "recipe.yaml"))
+    assert "optimizer.lr: auto -> " in capsys.readouterr().out and recorded.optimizer.lr != 1.0
+    assert (run / "lr_find.csv").exists()
+    rows, plan = [r for r in train.read_metrics(str(run)) if "lr" in r], recorded.timeline(train_samples=96)
+    assert [r["lr"] for r in rows] == pytest.approx([plan.lr[r["step"]] for r in rows])  # trained at the pick
+    assert cli.main(["compare", recipe, "--out", str(out_dir), "--quiet"]) == 0  # reused, not a "different recipe"
+    assert "already trained, reusing it" in capsys.readouterr().out

@@ -238,7 +238,7 @@ def cmd_compare(args) -> int:
     """Recipes (plans; trained with --seeds unless --plan-only) or finished run directories."""
     import time
     from cadence import report
-    from cadence.recipe import load_recipe
+    from cadence.recipe import load_recipe, with_lr
 
     runs = [p for p in args.items if os.path.isdir(p)]
     recipes = [p for p in args.items if not os.path.isdir(p)]
@@ -283,6 +283,12 @@ def cmd_compare(args) -> int:
                 if started and _finished(run_dir, len(setup.timeline)):
                     print(f"{run_dir}: already trained, reusing it")
                 else:  # new, or stopped part-way (a killed study): continue it exactly
+                    if setup.recipe.optimizer.lr == "auto" and started:  # the run recorded the range test's pick
+                        chosen = load_recipe(os.path.join(run_dir, "recipe.yaml")).optimizer.lr
+                        setup = train.prepare(with_lr(setup.recipe, chosen), p)
+                    elif setup.recipe.optimizer.lr == "auto":
+                        setup = train.find_auto_lr(setup, p, progress=not args.quiet)
+                        print(f"{run_dir}: optimizer.lr: auto -> {setup.recipe.optimizer.lr:.4g} (LR range test)")
                     train.train(setup, run_dir, resume=started, progress=not args.quiet)
                 runs.append(run_dir)
     else:
