@@ -5,8 +5,8 @@
 # test's claim: fixed one-cycle (short budget, seed 0) at the LR that `cadence find-lr --steps 200`
 # recommends, at what `optimizer.lr: auto` picks, and at 0.05 ... 0.8 (OUT/lr/).
 #
-#   benchmarks/schedule_study.sh CIFAR10_ROOT [OUT]            # the whole study, ~85 min on 2 cores
-#   benchmarks/schedule_study.sh --quick CIFAR10_ROOT [OUT]    # short budget, 1 seed, ~7 min
+#   benchmarks/schedule_study.sh CIFAR10_ROOT [OUT]            # the whole study, ~100 min on 2 cores
+#   benchmarks/schedule_study.sh --quick CIFAR10_ROOT [OUT]    # short budget, 1 seed, ~8 min
 #
 # CIFAR10_ROOT is an ImageFolder of the JPEGs (train/, test/). Finished runs are reused and
 # unfinished ones resumed, so a killed study continues where it stopped; seed 0 of both budgets
