@@ -84,13 +84,6 @@ def test_compare_resumes_an_unfinished_run_and_reuses_finished_ones(tmp_path, ca
     capsys.readouterr()
     assert cli.main(["compare", recipe, "--out", str(out_dir), "--quiet"]) == 0
     assert "already trained, reusing it" in capsys.readouterr().out
-    part = tmp_path / "part"  # stopped part-way: compare continues it at the LR the run recorded
-    assert cli.main(["train", recipe, "--out", str(part / "tiny-seed0"), "--quiet", "--max-steps", "4"]) == 0
-    picked = load_recipe(str(part / "tiny-seed0" / "recipe.yaml")).optimizer.lr
-    assert cli.main(["compare", recipe, "--out", str(part), "--quiet"]) == 0
-    rows = [r for r in train.read_metrics(str(part / "tiny-seed0")) if "lr" in r]
-    assert [r["step"] for r in rows] == list(range(12)) and "auto ->" not in capsys.readouterr().out
-    assert load_recipe(str(part / "tiny-seed0" / "recipe.yaml")).optimizer.lr == picked
     assert cli.main(["compare", recipe, "--out", str(out_dir), "--quiet", "--set", "optimizer.lr=0.07"]) == 2
     assert "holds a run of a different tiny recipe" in capsys.readouterr().err  # never mixed up with stale runs
 
@@ -114,3 +107,11 @@ def test_compare_runs_the_range_test_for_lr_auto(tmp_path, capsys):
     assert [r["lr"] for r in rows] == pytest.approx([plan.lr[r["step"]] for r in rows])  # trained at the pick
     assert cli.main(["compare", recipe, "--out", str(out_dir), "--quiet"]) == 0  # reused, not a "different recipe"
     assert "already trained, reusing it" in capsys.readouterr().out
+    part = tmp_path / "part"  # stopped part-way: compare continues it at the LR the run recorded
+    assert cli.main(["train", recipe, "--out", str(part / "tiny-seed0"), "--quiet", "--max-steps", "4",
+                     "--set", "seed=0"]) == 0
+    picked = load_recipe(str(part / "tiny-seed0" / "recipe.yaml")).optimizer.lr
+    assert cli.main(["compare", recipe, "--out", str(part), "--quiet"]) == 0
+    rows = [r for r in train.read_metrics(str(part / "tiny-seed0")) if "lr" in r]
+    assert [r["step"] for r in rows] == list(range(12)) and "auto ->" not in capsys.readouterr().out
+    assert load_recipe(str(part / "tiny-seed0" / "recipe.yaml")).optimizer.lr == picked
