@@ -262,7 +262,7 @@ def plot_recipe_change(old: Timeline, done: int, new: Timeline, at: dict[str, in
 
 
 def summarize_runs(run_dirs: list[str], thresholds: tuple[float, ...] = ()) -> dict[str, dict]:
-    """Per recipe name (seeds grouped): final top-1 (mean, std, n), training time and, for each
+    """Per recipe name (seeds grouped): final top-1 (mean, std, n, per seed), training time and, for each
     threshold, the time to first reach it on the seeds' mean curve (top-1 and training time averaged
     per evaluation; a recipe's seeds evaluate at the same steps), so a recipe reaches its own mean
     final top-1 at the latest at its end. Seeds evaluated at different steps: the mean of each seed's
@@ -278,10 +278,9 @@ def summarize_runs(run_dirs: list[str], thresholds: tuple[float, ...] = ()) -> d
         groups.setdefault(name, []).append(read_metrics(d))
     out = {}
     for name, runs in groups.items():
-        finals = [[r for r in rows if "val_top1" in r][-1] for rows in runs]
-        top1 = [f["val_top1"] for f in finals]
-        times = [f["time"] for f in finals]
         evals = [[r for r in rows if "val_top1" in r] for rows in runs]
+        top1 = [ev[-1]["val_top1"] for ev in evals]
+        times = [ev[-1]["time"] for ev in evals]
         curve = None
         if all([r["step"] for r in ev] == [r["step"] for r in evals[0]] for ev in evals):
             curve = [(statistics.mean(r["time"] for r in at), statistics.mean(r["val_top1"] for r in at))
@@ -294,7 +293,7 @@ def summarize_runs(run_dirs: list[str], thresholds: tuple[float, ...] = ()) -> d
             hits = [next((r["time"] for r in ev if r["val_top1"] >= th), None) for ev in evals]
             reach[th] = None if None in hits else statistics.mean(hits)
         out[name] = {"top1_mean": statistics.mean(top1), "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
-                     "n": len(top1), "time_mean": statistics.mean(times), "reach": reach, "runs": runs}
+                     "n": len(top1), "time_mean": statistics.mean(times), "finals": top1, "reach": reach, "runs": runs}
     return out
 
 
@@ -321,8 +320,7 @@ def plot_runs_overlay(summary: dict[str, dict], path: str) -> None:
 def write_summary_json(summary: dict[str, dict], path: str, baseline: tuple[str, float] | None = None) -> None:
     """The comparison's numbers (no per-step rows) for scripts and RESULTS tables."""
     out = {name: {**{k: v for k, v in s.items() if k not in ("runs", "reach")},
-                  "reach": [[t, v] for t, v in s["reach"].items()],
-                  "finals": [[r for r in rows if "val_top1" in r][-1]["val_top1"] for rows in s["runs"]]}
+                  "reach": [[t, v] for t, v in s["reach"].items()]}
            for name, s in summary.items()}
     if baseline is not None:
         name, target = baseline
