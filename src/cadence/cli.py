@@ -60,7 +60,7 @@ def cmd_prepare(args) -> int:
 def _resolve_recipe(args):
     """The recipe to train: RECIPE (+ --set), or, when resuming, the run's own recipe.yaml.
     (A resumed run's recipe is checked against its checkpoint's in ``changes.reconcile``.)"""
-    from cadence.recipe import load_recipe, with_lr
+    from cadence.recipe import load_recipe
 
     if args.resume:
         saved = os.path.join(args.resume, "recipe.yaml")
@@ -69,10 +69,7 @@ def _resolve_recipe(args):
         run_recipe = load_recipe(saved)
         if args.recipe is None and not args.sets:
             return run_recipe, saved
-        recipe = load_recipe(args.recipe or saved, args.sets)
-        if recipe.optimizer.lr == "auto":  # the run recorded what the range test chose
-            recipe = with_lr(recipe, run_recipe.optimizer.lr)
-        return recipe, args.recipe or saved
+        return _as_recorded(load_recipe(args.recipe or saved, args.sets), run_recipe), args.recipe or saved
     if args.recipe is None:
         raise FieldError("RECIPE", None, "give a recipe file (or --resume RUN_DIR)")
     return load_recipe(args.recipe, args.sets), args.recipe
@@ -238,7 +235,7 @@ def cmd_compare(args) -> int:
     """Recipes (plans; trained with --seeds unless --plan-only) or finished run directories."""
     import time
     from cadence import report
-    from cadence.recipe import load_recipe, with_lr
+    from cadence.recipe import load_recipe
 
     runs = [p for p in args.items if os.path.isdir(p)]
     recipes = [p for p in args.items if not os.path.isdir(p)]
@@ -275,18 +272,19 @@ def cmd_compare(args) -> int:
         for seed in range(args.seeds):  # seed by seed: a study cut short has every recipe at seed 0 first
             for r, p in zip(loaded, recipes):
                 run_dir = os.path.join(out, f"{r.name}-seed{seed}")
-                setup = train.prepare(load_recipe(p, args.sets + [f"seed={seed}"]), p)
+                recipe = load_recipe(p, args.sets + [f"seed={seed}"])
                 started = os.path.exists(os.path.join(run_dir, "checkpoints", "last.pt"))
-                if started and not _same_recipe(run_dir, setup.recipe):
-                    raise FieldError("--out", out, f"{run_dir} holds a run of a different {r.name} recipe; "
-                                     "compare into another folder", file=p)
+                if started:
+                    saved = load_recipe(os.path.join(run_dir, "recipe.yaml"))
+                    recipe = _as_recorded(recipe, saved)
+                    if saved.raw != recipe.raw:
+                        raise FieldError("--out", out, f"{run_dir} holds a run of a different {r.name} recipe; "
+                                         "compare into another folder", file=p)
+                setup = train.prepare(recipe, p)
                 if started and _finished(run_dir, len(setup.timeline)):
                     print(f"{run_dir}: already trained, reusing it")
                 else:  # new, or stopped part-way (a killed study): continue it exactly
-                    if setup.recipe.optimizer.lr == "auto" and started:  # the run recorded the range test's pick
-                        chosen = load_recipe(os.path.join(run_dir, "recipe.yaml")).optimizer.lr
-                        setup = train.prepare(with_lr(setup.recipe, chosen), p)
-                    elif setup.recipe.optimizer.lr == "auto":
+                    if not started and recipe.optimizer.lr == "auto":
                         setup = train.find_auto_lr(setup, p, progress=not args.quiet)
                         print(f"{run_dir}: optimizer.lr: auto -> {setup.recipe.optimizer.lr:.4g} (LR range test)")
                     train.train(setup, run_dir, resume=started, progress=not args.quiet)
@@ -323,15 +321,11 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def _same_recipe(run_dir: str, recipe) -> bool:
-    """Whether ``run_dir`` was trained from ``recipe`` (the LR a range test chose aside)."""
-    from cadence.recipe import load_recipe
+def _as_recorded(recipe, run_recipe):
+    """``recipe``, with the LR the run's range test chose if ``recipe`` says ``optimizer.lr: auto``."""
+    from cadence.recipe import with_lr
 
-    def strip(raw: dict) -> dict:
-        return {**raw, "optimizer": {k: v for k, v in raw.get("optimizer", {}).items() if k != "lr"}}
-
-    saved = load_recipe(os.path.join(run_dir, "recipe.yaml")).raw
-    return saved == recipe.raw if recipe.optimizer.lr != "auto" else strip(saved) == strip(recipe.raw)
+    return with_lr(recipe, run_recipe.optimizer.lr) if recipe.optimizer.lr == "auto" else recipe
 
 
 def _finished(run_dir: str, steps: int) -> bool:
