@@ -142,3 +142,23 @@ def test_lr_auto_records_the_choice(tmp_path):
     assert max(r["lr"] for r in rows if "lr" in r) <= chosen * 2 + 1e-12  # peak scaled by batch 32/16
     # resuming with the same auto recipe is accepted: the run's recorded LR stands in for "auto"
     assert cli.main(["train", recipe, "--resume", str(tmp_path / "run"), "--quiet"]) == 0
+
+
+def test_lr_auto_and_find_lr_use_the_recipes_range(tmp_path, capsys):
+    """``optimizer.lr_find`` sets the range ``lr: auto`` runs, and ``cadence find-lr``'s defaults, so
+    the command shows what auto would pick; its flags still override it."""
+    raw = copy.deepcopy(TINY)
+    raw["optimizer"] |= {"lr": "auto", "lr_find": {"steps": 30, "start": 1e-4, "end": 20}}
+    recipe = write_recipe(tmp_path, raw)
+    assert cli.main(["train", recipe, "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    with open(tmp_path / "run" / "lr_find.csv") as f:
+        auto = [float(r["lr"]) for r in csv.DictReader(f)]
+    assert len(auto) <= 30 and auto[0] == 1e-4 and auto[1] == pytest.approx(1e-4 * (20 / 1e-4) ** (1 / 29))
+    assert cli.main(["find-lr", recipe, "--out", str(tmp_path / "fl"), "--quiet"]) in (0, 1)
+    with open(tmp_path / "fl" / "lr_find.csv") as f:
+        assert [float(r["lr"]) for r in csv.DictReader(f)] == auto  # same range, same curve
+    assert cli.main(["find-lr", recipe, "--steps", "12", "--out", str(tmp_path / "fl12"), "--quiet"]) in (0, 1)
+    with open(tmp_path / "fl12" / "lr_find.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) <= 12 and float(rows[0]["lr"]) == 1e-4
+    capsys.readouterr()

@@ -95,6 +95,9 @@ CASES = [
     ("bad key inside a sequence piece", edit("schedule", {"kind": "sequence", "pieces": [
         {"kind": "cosine", "duration": 0.5, "floor": 2}, {"kind": "constant"}]}), [],
      "schedule.pieces.0.floor", "2.0"),
+    ("range test too short", GOOD, ["optimizer.lr_find.steps=3"], "optimizer.lr_find.steps", "3"),
+    ("range test ends below its start", GOOD, ["optimizer.lr_find={start: 1, end: 0.1}"], "optimizer.lr_find.end",
+     "0.1"),
     ("no stages", edit("stages", []), [], "stages", "[]"),
     ("batch larger than an epoch", GOOD, ["stages.1.batch_size=600"], "stages.1.batch_size", "600"),
     ("train_samples 0", edit("data.train_samples", 0), [], "data.train_samples", "0"),

@@ -192,14 +192,17 @@ def cmd_find_lr(args) -> int:
     from cadence.plan import lr_scale
     from cadence.recipe import load_recipe
 
-    lr_finder.check_range(args.start, args.end, args.steps)
     recipe = load_recipe(args.recipe, args.sets)
+    rt = recipe.optimizer.lr_find  # the range lr: auto would use, unless the flags say otherwise
+    start, end, steps = (rt.start if args.start is None else args.start, rt.end if args.end is None else args.end,
+                         rt.steps if args.steps is None else args.steps)
+    lr_finder.check_range(start, end, steps)
     if not 0 <= args.stage < len(recipe.stages):
         raise FieldError("--stage", args.stage, f"the recipe has stages 0..{len(recipe.stages) - 1}")
     setup = train.prepare(recipe, args.recipe)
     trainer = train.Trainer(setup, run_dir="")
     stages = range(len(recipe.stages)) if args.all_stages else [args.stage]
-    results = [lr_finder.range_test(trainer, k, start=args.start, end=args.end, steps=args.steps,
+    results = [lr_finder.range_test(trainer, k, start=start, end=end, steps=steps,
                                     mode=args.mode, progress=not args.quiet) for k in stages]
     if not setup.dist.main:
         return 0
@@ -374,9 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", type=int, default=0, help="stage whose resolution, batch and data to use")
     p.add_argument("--all-stages", action="store_true", help="one curve per stage")
     # --start-lr/--end-lr under torchrun: its parser would take "--start" for "--start-method"
-    p.add_argument("--start", "--start-lr", dest="start", type=float, default=1e-6, help="first LR")
-    p.add_argument("--end", "--end-lr", dest="end", type=float, default=10.0, help="last LR")
-    p.add_argument("--steps", type=int, default=100, help="batches in the range")
+    p.add_argument("--start", "--start-lr", dest="start", type=float,
+                   help="first LR (default: the recipe's optimizer.lr_find.start, 1e-6)")
+    p.add_argument("--end", "--end-lr", dest="end", type=float, help="last LR (default: optimizer.lr_find.end, 10)")
+    p.add_argument("--steps", type=int, help="batches in the range (default: optimizer.lr_find.steps, 100)")
     p.add_argument("--mode", choices=["exp", "linear"], default="exp", help="how the LR rises")
     p.add_argument("--out", default=".", help="folder for lr_find.csv and lr_find.png")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

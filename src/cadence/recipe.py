@@ -114,6 +114,22 @@ class ModelConfig:
 
 
 @dataclass(kw_only=True)
+class RangeTestConfig:
+    """The LR range test ``optimizer.lr: auto`` runs before training, and the range ``cadence
+    find-lr`` sweeps unless told otherwise: ``steps`` batches, the LR rising exponentially from
+    ``start`` to ``end``."""
+
+    steps: int = 100
+    start: float = 1.0e-6
+    end: float = 10.0
+
+    def __post_init__(self):
+        _check(self.steps >= 5, "steps", self.steps, "must be >= 5")
+        _check(self.start > 0, "start", self.start, "must be positive")
+        _check(self.start < self.end < float("inf"), "end", self.end, f"must be finite and above start ({self.start:g})")
+
+
+@dataclass(kw_only=True)
 class OptimizerConfig:
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float | Literal["auto"] = 0.1  # PEAK LR at reference_batch_size ("auto": LR range test first)
@@ -124,6 +140,7 @@ class OptimizerConfig:
     nesterov: bool = False
     weight_decay: float = 5.0e-5
     decay_norm_and_bias: bool = False  # weight decay on BN/bias parameters too
+    lr_find: RangeTestConfig = field(default_factory=RangeTestConfig)  # the range test of lr: auto
 
     def __post_init__(self):
         _check(self.lr == "auto" or 0 < self.lr < float("inf"), "lr", self.lr, "must be positive and finite (or auto)")

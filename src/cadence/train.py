@@ -536,13 +536,15 @@ class Trainer:
 
 
 def find_auto_lr(setup: Setup, recipe_file: str | None = None, progress: bool = True) -> Setup:
-    """``optimizer.lr: auto``: run the LR range test on stage 0 from the recipe's initial weights
-    and return the setup with the recommended peak (converted back to ``reference_batch_size``)."""
+    """``optimizer.lr: auto``: run the LR range test (``optimizer.lr_find``) on stage 0 from the
+    recipe's initial weights and return the setup with the recommended peak (converted back to ``reference_batch_size``)."""
     from cadence import lr_finder
     from cadence.plan import lr_scale
     from cadence.recipe import with_lr
 
-    res = lr_finder.range_test(Trainer(setup, run_dir=""), 0, progress=progress)
+    rt = setup.recipe.optimizer.lr_find
+    res = lr_finder.range_test(Trainer(setup, run_dir=""), 0, start=rt.start, end=rt.end, steps=rt.steps,
+                               progress=progress)
     if res.suggestions is None:
         raise FieldError("optimizer.lr", "auto", f"the LR range test found no LR: {res.error}", file=recipe_file)
     first, o = setup.recipe.stages[0], setup.recipe.optimizer
