@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # LR range test stability (3 seeds) on the demo and on CIFAR-10, and demo accuracy with the
-# suggested LR vs the hand-set one. Usage: benchmarks/lr_find_stability.sh CIFAR10_JPEG_ROOT
+# suggested LR vs the hand-set one, each with the recipe's range (optimizer.lr_find, what lr: auto
+# runs; CIFAR_STEPS=N to change its steps). Usage: benchmarks/lr_find_stability.sh CIFAR10_JPEG_ROOT
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CIFAR=${1:?give the CIFAR-10 ImageFolder root (train/, test/)}
@@ -23,5 +24,6 @@ fi
 [ "$PART" = demo ] && exit 0
 for seed in 0 1 2; do
   echo "== cifar10-progressive find-lr seed $seed"
-  $C find-lr recipes/cifar10-progressive.yaml --set seed=$seed --set data.root="$CIFAR" --steps ${CIFAR_STEPS:-100} --start 1e-4 --end 10 --quiet --out "$OUT/cifar-$seed" | grep -E "stage|recommended"
+  $C find-lr recipes/cifar10-progressive.yaml --set seed=$seed --set data.root="$CIFAR" ${CIFAR_STEPS:+--steps $CIFAR_STEPS} \
+      --quiet --out "$OUT/cifar-$seed" | grep -E "stage|recommended"
 done

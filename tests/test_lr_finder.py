@@ -46,19 +46,32 @@ def test_rules_find_the_known_answers(steep, minimum):
     v = lr_finder.valley(GRID, losses)  # the whole curve falls from the start to the minimum
     assert abs(math.log(v) - (math.log(GRID[0]) + math.log(true_min)) / 2) <= step
     s = lr_finder.suggest(GRID, losses, beta=0.0)  # beta 0: no smoothing, exact rules
-    # the first LR by which 90% of the fall (start to minimum) is done
-    fallen = [(losses[0] - v) / (losses[0] - min(losses)) for v in losses]
-    first = next(i for i, f in enumerate(fallen) if f >= 0.9)
-    assert s.recommended == GRID[first]
-    assert s.steepest < s.recommended <= true_min
+    # the edge: the last LR at which the loss is within a quarter of its fall (start 3, minimum 1)
+    # above the minimum; past the minimum the loss is 1 + 20 d^2 (d in log LR), so 1.5 at d = 0.158
+    level = min(losses) + 0.25 * (losses[0] - min(losses))
+    last = max(i for i, v in enumerate(losses) if v <= level)
+    assert s.edge == GRID[last] and abs(math.log(s.edge / (true_min * math.exp(0.5 ** 0.5 / 20 ** 0.5)))) <= step
+    assert s.recommended == s.edge / 10
 
 
-def test_bottoming_out_ignores_where_on_a_plateau_the_minimum_falls():
-    # a fall to a long plateau whose lowest point is noise: early (a) or late (b)
-    fall = [3.0 - 0.01 * i for i in range(100)] + [2.0] * 100
-    a, b = list(fall), list(fall)
-    a[110], b[190] = 1.999, 1.999
-    assert lr_finder.bottoming_out(GRID, a) == lr_finder.bottoming_out(GRID, b) == GRID[91]  # 2.09 <= 2.0991
+def test_the_edge_stays_put_where_on_a_bumpy_floor_the_minimum_falls():
+    # a fall to a long floor with a bump, then the climb: the floor's lowest point is noise, early
+    # (a) or late (b); minimum/10 moves 40 steps (1.4 decades), the edge not at all
+    curve = [3.0 - 0.01 * i for i in range(100)] + [2.0] * 80 + [2.0 + 0.2 * i for i in range(1, 21)]
+    curve[120:125] = [2.5] * 5  # a bump above the level that recovers is not the edge
+    a, b = list(curve), list(curve)
+    a[130], b[170] = 1.999, 1.999
+    sa, sb = lr_finder.suggest(GRID, a, beta=0.0), lr_finder.suggest(GRID, b, beta=0.0)
+    assert sa.edge == sb.edge == GRID[180]  # level 1.999 + 0.25 * 1.001 = 2.249: 2.2 at 180 is within, 2.4 not
+    assert sb.minimum_div_10 / sa.minimum_div_10 == pytest.approx(GRID[170] / GRID[130])
+
+
+def test_a_range_that_ends_before_the_loss_climbs_away_gets_a_message():
+    falling = [3.0 - 0.01 * i for i in range(200)]
+    with pytest.raises(lr_finder.RangeTestError, match="before the loss climbed away"):
+        lr_finder.suggest(GRID, falling, beta=0.0)
+    # a run the range test stopped for a non-finite loss did climb away, after its last finite point
+    assert lr_finder.suggest(GRID, falling, beta=0.0, diverged=True).edge == GRID[-1]
 
 
 def test_a_loss_that_never_falls_gets_a_message_not_a_number():

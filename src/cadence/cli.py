@@ -216,8 +216,9 @@ def cmd_find_lr(args) -> int:
         s = res.suggestions
         ref = o.reference_batch_size or recipe.stages[0].batch_size
         at_ref = s.recommended / lr_scale(res.batch_size, ref, o.lr_scaling)
-        print(f"{head}: steepest {s.steepest:.3g}, minimum/10 {s.minimum_div_10:.3g}, valley {s.valley:.3g}"
-              f"\n  recommended one-cycle max_lr {s.recommended:.3g} at batch {res.batch_size}"
+        print(f"{head}: steepest {s.steepest:.3g}, minimum/10 {s.minimum_div_10:.3g}, valley {s.valley:.3g}, "
+              f"loss climbs away from {s.edge:.3g}"
+              f"\n  recommended one-cycle max_lr {s.recommended:.3g} (a tenth of that) at batch {res.batch_size}"
               f" (optimizer.lr: {at_ref:.3g} at reference batch {ref}, lr_scaling {o.lr_scaling})")
     os.makedirs(args.out, exist_ok=True)
     csv_path, png_path = os.path.join(args.out, "lr_find.csv"), os.path.join(args.out, "lr_find.png")

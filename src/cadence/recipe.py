@@ -119,7 +119,7 @@ class RangeTestConfig:
     find-lr`` sweeps unless told otherwise: ``steps`` batches, the LR rising exponentially from
     ``start`` to ``end``."""
 
-    steps: int = 100
+    steps: int = 200
     start: float = 1.0e-6
     end: float = 10.0
 

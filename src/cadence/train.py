@@ -253,7 +253,8 @@ class Trainer:
         if setup.lr_find is not None:
             res = setup.lr_find
             header = (f"optimizer.lr was auto: the LR range test on stage 0 ({res.resolution}px, batch "
-                      f"{res.batch_size}) recommended a peak of {res.suggestions.recommended:.4g}; "
+                      f"{res.batch_size}) recommended a peak of {res.suggestions.recommended:.4g}, a tenth of where "
+                      f"the loss climbed away ({res.suggestions.edge:.4g}); "
                       "curve in lr_find.csv and lr_find.png")
             lr_finder.write_csv([res], os.path.join(run_dir, "lr_find.csv"))
             lr_finder.plot([res], os.path.join(run_dir, "lr_find.png"), title=f"{setup.recipe.name}: LR range test")
