@@ -39,6 +39,7 @@ lr_claim_one() {  # folder sweep-LRs [--set ...]: range test (3 seeds), then tra
         --quiet --out "$dir/find-lr-seed$s" > "$dir/find-lr-seed$s.txt" || true
   done
   picked=$(sed -n 's/.*(optimizer.lr: \([0-9.e+-]*\) at reference.*/\1/p' "$dir/find-lr-seed0.txt")
+  [ -n "$picked" ] || echo "the range test recommended nothing for seed 0: see $dir/find-lr-seed0.txt" >&2
   for lr in $picked auto $lrs; do
     "$cadence" compare "$recipe" --set data.root="$root" "$@" --set optimizer.lr="$lr" --set name="onecycle-lr-$lr" \
         --quiet --out "$dir"

@@ -8,7 +8,7 @@ import csv
 import math
 import sys
 
-from cadence.lr_finder import RangeTestError, suggest
+from cadence.lr_finder import RangeTestError, smooth, suggest
 
 for path in sys.argv[1:]:
     with open(path) as f:
@@ -16,8 +16,12 @@ for path in sys.argv[1:]:
     for stage in sorted({r["stage"] for r in rows}):
         part = [(float(r["lr"]), float(r["loss"])) for r in rows if r["stage"] == stage]
         finite = [(lr, loss) for lr, loss in part if math.isfinite(loss)]
-        try:  # as range_test does: finite losses only; a non-finite one means the range diverged
-            s = suggest([lr for lr, _ in finite], [loss for _, loss in finite], diverged=len(finite) < len(part))
+        # as range_test does: finite losses only; it stopped at divergence on a non-finite loss or
+        # once the smoothed loss passed 4x its best
+        smoothed = smooth([loss for _, loss in finite])
+        diverged = len(finite) < len(part) or bool(smoothed) and smoothed[-1] > 4 * min(smoothed)
+        try:
+            s = suggest([lr for lr, _ in finite], [loss for _, loss in finite], diverged=diverged)
             print(f"{path} stage {stage}: steepest {s.steepest:.3g}, minimum/10 {s.minimum_div_10:.3g}, "
                   f"valley {s.valley:.3g}, edge {s.edge:.3g}, recommended {s.recommended:.3g}")
         except RangeTestError as e:

@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", "--start-lr", dest="start", type=float,
                    help="first LR (default: the recipe's optimizer.lr_find.start, 1e-6)")
     p.add_argument("--end", "--end-lr", dest="end", type=float, help="last LR (default: optimizer.lr_find.end, 10)")
-    p.add_argument("--steps", type=int, help="batches in the range (default: optimizer.lr_find.steps, 100)")
+    p.add_argument("--steps", type=int, help="batches in the range (default: optimizer.lr_find.steps, 200)")
     p.add_argument("--mode", choices=["exp", "linear"], default="exp", help="how the LR rises")
     p.add_argument("--out", default=".", help="folder for lr_find.csv and lr_find.png")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

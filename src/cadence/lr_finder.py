@@ -91,12 +91,15 @@ class Suggestions:
 def suggest(lrs: list[float], losses: list[float], *, beta: float = 0.9, min_drop: float = 0.1,
             diverged: bool = False) -> Suggestions:
     """The rules on the smoothed curve; the recommended one-cycle ``max_lr`` is a tenth of the LR at
-    which the loss climbs away (``divergence_edge``), Smith's "a decade below where it blows up".
+    which the loss climbs away (``divergence_edge``): an order of magnitude below where it blows up,
+    the usual reading of Smith's range test. The edge is read on the smoothed curve, which trails the
+    raw loss by about ``1 / (1 - beta)`` steps, so the factor was measured with this smoothing (and
+    200 steps over the default range; benchmarks/RESULTS.md).
     Raises RangeTestError when there is nothing to suggest: the smoothed loss never drops
     ``min_drop`` below its start, the range diverged within its first few steps, or it ended
     (without ``diverged``: a non-finite loss the caller dropped) before the loss climbed away."""
     if len(lrs) != len(losses) or len(lrs) < 5:
-        raise RangeTestError(f"the range test recorded {len(losses)} steps; it needs at least 5")
+        raise RangeTestError(f"the range test has {len(losses)} finite losses; it needs at least 5")
     s = smooth(losses, beta)
     best = min(range(len(s)), key=s.__getitem__)
     if best < 3:
@@ -121,8 +124,16 @@ def suggest(lrs: list[float], losses: list[float], *, beta: float = 0.9, min_dro
             f"the range ended (LR {lrs[-1]:.2g}) before the loss climbed away from its floor, so there "
             "is no edge to stay below: end the range higher")
     curve_lrs, curve = lrs[: best + 1], s[: best + 1]
-    steep, mdiv, vall = steepest(curve_lrs, curve), minimum_div_10(lrs, s), valley(curve_lrs, curve)
-    return Suggestions(steep, mdiv, vall, edge=lrs[edge], recommended=lrs[edge] / 10)
+    steep, vall = _or_nan(steepest, curve_lrs, curve), _or_nan(valley, curve_lrs, curve)
+    return Suggestions(steep, minimum_div_10(lrs, s), vall, edge=lrs[edge], recommended=lrs[edge] / 10)
+
+
+def _or_nan(rule, lrs: list[float], losses: list[float]) -> float:
+    """A side rule's answer, or NaN where it has none: it must not block the recommendation."""
+    try:
+        return rule(lrs, losses)
+    except RangeTestError:
+        return math.nan
 
 
 def lr_at(i: int, steps: int, start: float, end: float, mode: str) -> float:
@@ -148,13 +159,13 @@ class RangeResult:
 
 
 def check_range(start: float, end: float, steps: int) -> None:
-    if not 0 < start < end:
-        raise FieldError("--start/--end", [start, end], "need 0 < start < end")
+    if not 0 < start < end < math.inf:
+        raise FieldError("--start/--end", [start, end], "need 0 < start < end < inf")
     if steps < 5:
         raise FieldError("--steps", steps, "must be >= 5")
 
 
-def range_test(trainer, stage: int = 0, *, start: float = 1e-6, end: float = 10.0, steps: int = 100,
+def range_test(trainer, stage: int = 0, *, start: float = 1e-6, end: float = 10.0, steps: int = 200,
                mode: str = "exp", diverge: float = 4.0, progress: bool = False) -> RangeResult:
     """Train ``steps`` batches of ``stage`` (its resolution, batch size and data) with the LR rising
     from ``start`` to ``end``; stop once the smoothed loss exceeds ``diverge`` x its best. Model,

@@ -252,8 +252,9 @@ class Trainer:
         header = ""
         if setup.lr_find is not None:
             res = setup.lr_find
+            rt = setup.recipe.optimizer.lr_find
             header = (f"optimizer.lr was auto: the LR range test on stage 0 ({res.resolution}px, batch "
-                      f"{res.batch_size}) recommended a peak of {res.suggestions.recommended:.4g}, a tenth of where "
+                      f"{res.batch_size}, {rt.steps} steps from {rt.start:g} to {rt.end:g}) recommended a peak of {res.suggestions.recommended:.4g}, a tenth of where "
                       f"the loss climbed away ({res.suggestions.edge:.4g}); "
                       "curve in lr_find.csv and lr_find.png")
             lr_finder.write_csv([res], os.path.join(run_dir, "lr_find.csv"))
@@ -547,7 +548,8 @@ def find_auto_lr(setup: Setup, recipe_file: str | None = None, progress: bool = 
     res = lr_finder.range_test(Trainer(setup, run_dir=""), 0, start=rt.start, end=rt.end, steps=rt.steps,
                                progress=progress)
     if res.suggestions is None:
-        raise FieldError("optimizer.lr", "auto", f"the LR range test found no LR: {res.error}", file=recipe_file)
+        raise FieldError("optimizer.lr_find", dataclasses.asdict(rt),
+                         f"the range test of optimizer.lr: auto found no LR: {res.error}", file=recipe_file)
     first, o = setup.recipe.stages[0], setup.recipe.optimizer
     scale = lr_scale(first.batch_size, o.reference_batch_size or first.batch_size, o.lr_scaling)
     recipe = with_lr(setup.recipe, res.suggestions.recommended / scale)
