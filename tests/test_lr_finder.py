@@ -74,6 +74,20 @@ def test_a_range_that_ends_before_the_loss_climbs_away_gets_a_message():
     assert lr_finder.suggest(GRID, falling, beta=0.0, diverged=True).edge == GRID[-1]
 
 
+def test_range_test_counts_a_non_finite_loss_as_the_edge(tmp_path, monkeypatch):
+    """A loss that turns NaN while still falling: the range test stops there and the edge is its last
+    finite LR (``diverged`` passed through); a range that just ends on a falling loss suggests nothing."""
+    trainer = train.Trainer(train.prepare(recipe_from_dict(TINY)), str(tmp_path))
+    losses = iter([3.0 - 0.05 * i for i in range(30)] + [math.nan] * 10)
+    monkeypatch.setattr(trainer, "train_step", lambda x, y: torch.tensor(next(losses)))
+    res = lr_finder.range_test(trainer, 0, start=1e-4, end=10.0, steps=40)
+    assert res.stopped_early and len(res.lrs) == 31 and res.error is None
+    assert res.suggestions.edge == res.lrs[29] and res.suggestions.recommended == res.lrs[29] / 10
+    losses = iter([3.0 - 0.05 * i for i in range(30)])
+    res = lr_finder.range_test(trainer, 0, start=1e-4, end=10.0, steps=30)
+    assert not res.stopped_early and res.suggestions is None and "before the loss climbed away" in res.error
+
+
 def test_a_loss_that_never_falls_gets_a_message_not_a_number():
     flat = [2.3 + 0.01 * math.sin(i) for i in range(100)]
     with pytest.raises(lr_finder.RangeTestError, match="never falls"):
