@@ -4,7 +4,7 @@
 # (3 and 9 CIFAR-10 epochs), held-out accuracy every 25 (short) or 50 (long) steps. Then the LR range
 # test's claim: `cadence find-lr` on fixed one-cycle (short budget) for 3 seeds, and seed 0 trained
 # at the LR it recommends, at what `optimizer.lr: auto` picks and at a sweep, as in the study
-# (OUT/lr/study/) and at batch 128 without label smoothing (OUT/lr/b128/).
+# (OUT/lr/study/), at batch 128 without label smoothing (OUT/lr/b128/) and with AdamW (OUT/lr/adamw/).
 #
 #   benchmarks/schedule_study.sh CIFAR10_ROOT [OUT]            # the whole study, ~100 min on 2 cores
 #   benchmarks/schedule_study.sh --quick CIFAR10_ROOT [OUT]    # short budget, 1 seed, ~8 min
@@ -47,10 +47,11 @@ lr_claim_one() {  # folder sweep-LRs [--set ...]: range test (3 seeds), then tra
   "$cadence" compare "$dir"/onecycle-*-seed0 --out "$dir" --thresholds 0.6 0.7
 }
 
-lr_claim() {  # does the range test find the right max_lr? fixed one-cycle, short budget, seed 0, two settings
+lr_claim() {  # does the range test find the right max_lr? fixed one-cycle, short budget, seed 0, three settings
   lr_claim_one study "0.05 0.1 0.2 0.4 0.8"  # as in the study: batch 512, label smoothing 0.2
   lr_claim_one b128 "0.025 0.05 0.1 0.2 0.4 0.8" --set "stages=[{epochs: 3, resolution: 32, batch_size: 128}]" \
       --set optimizer.reference_batch_size=128 --set train.label_smoothing=0 --set train.eval_every=100
+  lr_claim_one adamw "0.001 0.003 0.01 0.03" --set optimizer.name=adamw --set optimizer.nesterov=false
 }
 
 if [ "$lr_only" = 1 ]; then
