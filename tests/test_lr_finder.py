@@ -88,6 +88,15 @@ def test_range_test_counts_a_non_finite_loss_as_the_edge(tmp_path, monkeypatch):
     assert not res.stopped_early and res.suggestions is None and "before the loss climbed away" in res.error
 
 
+def test_lr_auto_with_adamw_says_the_pick_is_an_upper_bound(tmp_path, capsys):
+    raw = copy.deepcopy(TINY)
+    raw["optimizer"] |= {"name": "adamw", "lr": "auto", "lr_find": {"steps": 30, "start": 1e-5, "end": 100}}
+    recipe = write_recipe(tmp_path, raw)
+    assert cli.main(["train", recipe, "--out", str(tmp_path / "run"), "--quiet", "--max-steps", "1"]) == 0
+    assert "note: with AdamW" in capsys.readouterr().err
+    assert lr_finder.caveat("sgd") == ""
+
+
 def test_a_loss_that_never_falls_gets_a_message_not_a_number():
     flat = [2.3 + 0.01 * math.sin(i) for i in range(100)]
     with pytest.raises(lr_finder.RangeTestError, match="never falls"):

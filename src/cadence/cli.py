@@ -76,7 +76,7 @@ def _resolve_recipe(args):
 
 
 def cmd_train(args) -> int:
-    from cadence import train
+    from cadence import lr_finder, train
 
     if args.max_steps is not None and args.max_steps < 1:
         raise FieldError("--max-steps", args.max_steps, "must be >= 1")
@@ -99,7 +99,9 @@ def cmd_train(args) -> int:
         say(f"cadence: {run_dir} was stopped before its first checkpoint: training it from step 0", file=sys.stderr)
     if recipe.optimizer.lr == "auto":
         setup = train.find_auto_lr(setup, recipe_file, progress=not args.quiet and setup.dist.main)
-        say(f"optimizer.lr: auto -> {setup.recipe.optimizer.lr:.4g} (LR range test on stage 0)", file=sys.stderr)
+        note = lr_finder.caveat(recipe.optimizer.name)
+        say(f"optimizer.lr: auto -> {setup.recipe.optimizer.lr:.4g} (LR range test on stage 0)"
+            + (f"; note: {note}" if note else ""), file=sys.stderr)
     if not args.resume and setup.dist.main:  # a new run's folder that cannot be made is bad input, not a crash
         try:
             os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
@@ -220,6 +222,8 @@ def cmd_find_lr(args) -> int:
               f"loss climbs away from {s.edge:.3g}"
               f"\n  recommended one-cycle max_lr {s.recommended:.3g} (a tenth of that) at batch {res.batch_size}"
               f" (optimizer.lr: {at_ref:.3g} at reference batch {ref}, lr_scaling {o.lr_scaling})")
+    if lr_finder.caveat(o.name) and any(res.suggestions for res in results):
+        print(f"  note: {lr_finder.caveat(o.name)}")
     os.makedirs(args.out, exist_ok=True)
     csv_path, png_path = os.path.join(args.out, "lr_find.csv"), os.path.join(args.out, "lr_find.png")
     lr_finder.write_csv(results, csv_path)
@@ -238,7 +242,7 @@ class _Parser(argparse.ArgumentParser):
 def cmd_compare(args) -> int:
     """Recipes (plans; trained with --seeds unless --plan-only) or finished run directories."""
     import time
-    from cadence import report
+    from cadence import lr_finder, report
     from cadence.recipe import load_recipe
 
     runs = [p for p in args.items if os.path.isdir(p)]
@@ -290,7 +294,9 @@ def cmd_compare(args) -> int:
                 else:  # new, or stopped part-way (a killed study): continue it exactly
                     if not started and recipe.optimizer.lr == "auto":
                         setup = train.find_auto_lr(setup, p, progress=not args.quiet)
-                        print(f"{run_dir}: optimizer.lr: auto -> {setup.recipe.optimizer.lr:.4g} (LR range test)")
+                        note = lr_finder.caveat(recipe.optimizer.name)
+                        print(f"{run_dir}: optimizer.lr: auto -> {setup.recipe.optimizer.lr:.4g} (LR range test)"
+                              + (f"; note: {note}" if note else ""))
                     train.train(setup, run_dir, resume=started, progress=not args.quiet)
                 runs.append(run_dir)
     else:

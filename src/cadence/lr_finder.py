@@ -136,6 +136,15 @@ def _or_nan(rule, lrs: list[float], losses: list[float]) -> float:
         return math.nan
 
 
+def caveat(optimizer: str) -> str:
+    """What to know about the recommendation for ``optimizer`` ('' where nothing): the factor of 10
+    below the edge was measured for SGD."""
+    if optimizer == "adamw":
+        return ("with AdamW a tenth of the edge measured 2.3x above a sweep's best peak (benchmarks/RESULTS.md): "
+                "treat it as an upper bound")
+    return ""
+
+
 def lr_at(i: int, steps: int, start: float, end: float, mode: str) -> float:
     """The ``i``-th of ``steps`` LRs from ``start`` to ``end``, exponentially or linearly spaced."""
     t = i / max(steps - 1, 1)
