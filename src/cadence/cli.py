@@ -222,8 +222,9 @@ def cmd_find_lr(args) -> int:
               f"loss climbs away from {s.edge:.3g}"
               f"\n  recommended one-cycle max_lr {s.recommended:.3g} (a tenth of that) at batch {res.batch_size}"
               f" (optimizer.lr: {at_ref:.3g} at reference batch {ref}, lr_scaling {o.lr_scaling})")
-    if lr_finder.caveat(o.name) and any(res.suggestions for res in results):
-        print(f"  note: {lr_finder.caveat(o.name)}")
+    note = lr_finder.caveat(o.name)
+    if note and any(res.suggestions for res in results):
+        print(f"  note: {note}")
     os.makedirs(args.out, exist_ok=True)
     csv_path, png_path = os.path.join(args.out, "lr_find.csv"), os.path.join(args.out, "lr_find.png")
     lr_finder.write_csv(results, csv_path)

@@ -140,8 +140,8 @@ def caveat(optimizer: str) -> str:
     """What to know about the recommendation for ``optimizer`` ('' where nothing): the factor of 10
     below the edge was measured for SGD."""
     if optimizer == "adamw":
-        return ("with AdamW a tenth of the edge measured 2.3x above a sweep's best peak (benchmarks/RESULTS.md): "
-                "treat it as an upper bound")
+        return ("with AdamW a tenth of the edge measured 2.3x above a sweep's best peak "
+                "(benchmarks/RESULTS.md): treat it as an upper bound")
     return ""
 
 

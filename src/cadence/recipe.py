@@ -126,7 +126,8 @@ class RangeTestConfig:
     def __post_init__(self):
         _check(self.steps >= 5, "steps", self.steps, "must be >= 5")
         _check(self.start > 0, "start", self.start, "must be positive")
-        _check(self.start < self.end < float("inf"), "end", self.end, f"must be finite and above start ({self.start:g})")
+        _check(self.start < self.end < float("inf"), "end", self.end,
+               f"must be finite and above start ({self.start:g})")
 
 
 @dataclass(kw_only=True)

@@ -254,9 +254,9 @@ class Trainer:
             res = setup.lr_find
             rt = setup.recipe.optimizer.lr_find
             header = (f"optimizer.lr was auto: the LR range test on stage 0 ({res.resolution}px, batch "
-                      f"{res.batch_size}, {rt.steps} steps from {rt.start:g} to {rt.end:g}) recommended a peak of {res.suggestions.recommended:.4g}, a tenth of where "
-                      f"the loss climbed away ({res.suggestions.edge:.4g}); "
-                      "curve in lr_find.csv and lr_find.png")
+                      f"{res.batch_size}, {rt.steps} steps from {rt.start:g} to {rt.end:g}) recommended a peak "
+                      f"of {res.suggestions.recommended:.4g}, a tenth of where the loss climbed away "
+                      f"({res.suggestions.edge:.4g}); curve in lr_find.csv and lr_find.png")
             lr_finder.write_csv([res], os.path.join(run_dir, "lr_find.csv"))
             lr_finder.plot([res], os.path.join(run_dir, "lr_find.png"), title=f"{setup.recipe.name}: LR range test")
         checkpoint.write_text_atomic(dump_recipe(setup.recipe, header), os.path.join(run_dir, "recipe.yaml"))
@@ -539,7 +539,8 @@ class Trainer:
 
 def find_auto_lr(setup: Setup, recipe_file: str | None = None, progress: bool = True) -> Setup:
     """``optimizer.lr: auto``: run the LR range test (``optimizer.lr_find``) on stage 0 from the
-    recipe's initial weights and return the setup with the recommended peak (converted back to ``reference_batch_size``)."""
+    recipe's initial weights and return the setup with the recommended peak (converted back to
+    ``reference_batch_size``)."""
     from cadence import lr_finder
     from cadence.plan import lr_scale
     from cadence.recipe import with_lr
