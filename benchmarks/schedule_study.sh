@@ -4,11 +4,12 @@
 # (3 and 9 CIFAR-10 epochs), held-out accuracy every 25 (short) or 50 (long) steps. Then the LR range
 # test's claim: `cadence find-lr` on fixed one-cycle (short budget) for 3 seeds, and seed 0 trained
 # at the LR it recommends, at what `optimizer.lr: auto` picks and at a sweep, as in the study
-# (OUT/lr/study/), at batch 128 without label smoothing (OUT/lr/b128/) and with AdamW (OUT/lr/adamw/).
+# (OUT/lr/study/); with --lr also at batch 128 without label smoothing (OUT/lr/b128/) and with AdamW
+# (OUT/lr/adamw/).
 #
-#   benchmarks/schedule_study.sh CIFAR10_ROOT [OUT]            # the whole study, ~100 min on 2 cores
+#   benchmarks/schedule_study.sh CIFAR10_ROOT [OUT]            # the whole study, ~105 min on 2 cores
 #   benchmarks/schedule_study.sh --quick CIFAR10_ROOT [OUT]    # short budget, 1 seed, ~8 min
-#   benchmarks/schedule_study.sh --lr CIFAR10_ROOT [OUT]       # the LR claim alone
+#   benchmarks/schedule_study.sh --lr CIFAR10_ROOT [OUT]       # the LR claim alone, 3 settings, ~35 min
 #
 # CIFAR10_ROOT is an ImageFolder of the JPEGs (train/, test/). Finished runs are reused and
 # unfinished ones resumed, so a killed study continues where it stopped; seed 0 of both budgets
@@ -47,8 +48,11 @@ lr_claim_one() {  # folder sweep-LRs [--set ...]: range test (3 seeds), then tra
   "$cadence" compare "$dir"/onecycle-*-seed0 --out "$dir" --thresholds 0.6 0.7
 }
 
-lr_claim() {  # does the range test find the right max_lr? fixed one-cycle, short budget, seed 0, three settings
+lr_claim() {  # does the range test find the right max_lr? fixed one-cycle, short budget, seed 0
   lr_claim_one study "0.05 0.1 0.2 0.4 0.8"  # as in the study: batch 512, label smoothing 0.2
+}
+
+lr_claim_more() {  # the same at two more settings (--lr only: the whole study must stay under 2 hours)
   lr_claim_one b128 "0.025 0.05 0.1 0.2 0.4 0.8" --set "stages=[{epochs: 3, resolution: 32, batch_size: 128}]" \
       --set optimizer.reference_batch_size=128 --set train.label_smoothing=0 --set train.eval_every=100
   lr_claim_one adamw "0.001 0.003 0.01 0.03" --set optimizer.name=adamw --set optimizer.nesterov=false
@@ -56,6 +60,7 @@ lr_claim() {  # does the range test find the right max_lr? fixed one-cycle, shor
 
 if [ "$lr_only" = 1 ]; then
   lr_claim
+  lr_claim_more
 elif [ "$quick" = 1 ]; then
   run short 1 short 0.6 0.7   # seed 0 of the full study's short budget (reused by it)
 else
