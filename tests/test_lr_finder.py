@@ -186,6 +186,8 @@ def test_lr_auto_and_find_lr_use_the_recipes_range(tmp_path, capsys):
     raw = copy.deepcopy(TINY)
     raw["optimizer"] |= {"lr": "auto", "lr_find": {"steps": 30, "start": 1e-4, "end": 20}}
     recipe = write_recipe(tmp_path, raw)
+    assert cli.main(["plan", recipe]) == 0
+    assert "the range test (30 steps, LR 0.0001 to 20, on stage 0)" in capsys.readouterr().out
     assert cli.main(["train", recipe, "--out", str(tmp_path / "run"), "--quiet"]) == 0
     with open(tmp_path / "run" / "lr_find.csv") as f:
         auto = [float(r["lr"]) for r in csv.DictReader(f)]

@@ -27,7 +27,9 @@ def cmd_plan(args) -> int:
     print(f"{recipe.name}: {recipe.data.train_size():,} training images, "
           f"schedule {recipe.schedule.spec.kind} ({recipe.schedule.scope}, by {recipe.schedule.progress})")
     if recipe.optimizer.lr == "auto":
-        print("optimizer.lr is auto: the LRs below are multiples of the peak the range test will choose")
+        rt = recipe.optimizer.lr_find
+        print(f"optimizer.lr is auto: the LRs below are multiples of the peak the range test ({rt.steps} steps, "
+              f"LR {rt.start:g} to {rt.end:g}, on stage 0) will choose")
     print(report.plan_table(timeline))
     if args.csv:
         report.write_plan_csv(timeline, args.csv)
