@@ -78,7 +78,7 @@ def _resolve_recipe(args):
 
 
 def cmd_train(args) -> int:
-    from cadence import lr_finder, train
+    from cadence import train
 
     if args.max_steps is not None and args.max_steps < 1:
         raise FieldError("--max-steps", args.max_steps, "must be >= 1")
@@ -101,9 +101,7 @@ def cmd_train(args) -> int:
         say(f"cadence: {run_dir} was stopped before its first checkpoint: training it from step 0", file=sys.stderr)
     if recipe.optimizer.lr == "auto":
         setup = train.find_auto_lr(setup, recipe_file, progress=not args.quiet and setup.dist.main)
-        note = lr_finder.caveat(recipe.optimizer.name)
-        say(f"optimizer.lr: auto -> {setup.recipe.optimizer.lr:.4g} (LR range test on stage 0)"
-            + (f"; note: {note}" if note else ""), file=sys.stderr)
+        say(_auto_lr_chosen(setup.recipe), file=sys.stderr)
     if not args.resume and setup.dist.main:  # a new run's folder that cannot be made is bad input, not a crash
         try:
             os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
@@ -245,7 +243,7 @@ class _Parser(argparse.ArgumentParser):
 def cmd_compare(args) -> int:
     """Recipes (plans; trained with --seeds unless --plan-only) or finished run directories."""
     import time
-    from cadence import lr_finder, report
+    from cadence import report
     from cadence.recipe import load_recipe
 
     runs = [p for p in args.items if os.path.isdir(p)]
@@ -297,9 +295,7 @@ def cmd_compare(args) -> int:
                 else:  # new, or stopped part-way (a killed study): continue it exactly
                     if not started and recipe.optimizer.lr == "auto":
                         setup = train.find_auto_lr(setup, p, progress=not args.quiet)
-                        note = lr_finder.caveat(recipe.optimizer.name)
-                        print(f"{run_dir}: optimizer.lr: auto -> {setup.recipe.optimizer.lr:.4g} (LR range test)"
-                              + (f"; note: {note}" if note else ""))
+                        print(f"{run_dir}: {_auto_lr_chosen(setup.recipe)}")
                     train.train(setup, run_dir, resume=started, progress=not args.quiet)
                 runs.append(run_dir)
     else:
@@ -332,6 +328,16 @@ def cmd_compare(args) -> int:
     report.write_summary_json(summary, os.path.join(out, "summary.json"), baseline)
     print(f"wrote {report.write_compare_html(summary, out, thresholds, baseline)}")
     return 0
+
+
+def _auto_lr_chosen(recipe) -> str:
+    """The line that says which peak LR the range test of ``optimizer.lr: auto`` chose (``recipe``
+    holds it now), with the caveat for the optimizer, if any."""
+    from cadence import lr_finder
+
+    note = lr_finder.caveat(recipe.optimizer.name)
+    return (f"optimizer.lr: auto -> {recipe.optimizer.lr:.4g} (LR range test on stage 0)"
+            + (f"; note: {note}" if note else ""))
 
 
 def _as_recorded(recipe, run_recipe):
