@@ -1,4 +1,5 @@
-"""What ``train.keep_freed_memory`` is worth on CPU: the training-step rate, minor page faults per
+from cadence import parts
+"""What ``parts.keep_freed_memory`` is worth on CPU: the training-step rate, minor page faults per
 step and peak resident memory of a recipe's model at each stage's resolution, with glibc's default
 malloc settings against cadence's (no mmap for large blocks, freed memory kept). A process-wide
 setting, so each measurement is a fresh process; the two settings alternate, round by round.
@@ -23,10 +24,10 @@ def measure(recipe_file: str, sets: list[str], stage: int, steps: int, default_m
     from cadence.recipe import load_recipe
 
     if default_malloc:
-        train.keep_freed_memory = lambda: False  # prepare() calls it through the module
-    trainer = train.Trainer(train.prepare(load_recipe(recipe_file, sets), recipe_file), run_dir="")
+        parts.keep_freed_memory = lambda: False  # prepare() calls it through the module
+    trainer = train.Trainer(parts.build_setup(load_recipe(recipe_file, sets), recipe_file), run_dir="")
     x, y = stage_batch(trainer, stage)
-    batch = trainer.prep(x), y
+    batch = trainer.parts.normalize(x), y
     fixed_batch_rate(trainer, stage, batch, 2)  # first steps: oneDNN primitives, the allocator's first growth
     before = resource.getrusage(resource.RUSAGE_SELF)
     img_s = fixed_batch_rate(trainer, stage, batch, steps)

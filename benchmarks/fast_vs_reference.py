@@ -16,7 +16,7 @@ import tempfile
 import torch
 from torchvision.transforms import v2
 
-from cadence import data, train
+from cadence import data, parts, train
 from cadence.recipe import load_recipe
 
 
@@ -63,7 +63,7 @@ def main() -> None:
         for path in ("fast", "reference"):
             stages = [f"stages.{k}.data_fraction={a.fraction}" for k in range(3)]
             recipe = load_recipe(a.recipe, [f"data.root={a.root}", f"seed={seed}", *stages])
-            setup = train.prepare(recipe)
+            setup = parts.build_setup(recipe)
             with tempfile.TemporaryDirectory() as out:
                 trainer = train.Trainer.create(setup, out)
                 if path == "reference":

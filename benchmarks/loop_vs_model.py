@@ -14,7 +14,7 @@ import argparse
 import statistics
 import time
 
-from cadence import train
+from cadence import parts, train
 from cadence.recipe import load_recipe
 from step_speed import fixed_batch_rate  # the same timed fixed-batch steps
 
@@ -27,22 +27,22 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args()
     recipe = load_recipe(a.recipe, a.sets)
-    setup = train.prepare(recipe, a.recipe)
+    setup = parts.build_setup(recipe, a.recipe)
     trainer = train.Trainer(setup, run_dir="")
     t = trainer.timeline
     for k, stage in enumerate(recipe.stages):
         loader = iter(trainer.loader(k, t.epoch[t.stage_starts[k]]))
         x0, y0 = next(loader)
-        fixed = trainer.prep(x0), y0
+        fixed = trainer.parts.normalize(x0), y0
         trainer.train_step(*fixed)  # warm-up at this size
         model_rates, loop_rates = [], []
         for _ in range(a.rounds):
             model_rates.append(fixed_batch_rate(trainer, k, fixed, a.steps))
-            trainer.scheduler.last_epoch = t.stage_starts[k]
+            trainer.parts.scheduler.last_epoch = t.stage_starts[k]
             start, n = time.perf_counter(), 0
             for _ in range(a.steps):
                 x, y = next(loader)
-                trainer.train_step(trainer.prep(x), y)
+                trainer.train_step(trainer.parts.normalize(x), y)
                 n += len(y)
             loop_rates.append(n / (time.perf_counter() - start))
         m, lo = statistics.median(model_rates), statistics.median(loop_rates)

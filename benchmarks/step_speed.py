@@ -16,7 +16,7 @@ import argparse
 import statistics
 import time
 
-from cadence import train
+from cadence import parts, train
 from cadence.recipe import load_recipe
 from time_to_accuracy import parse_ablation  # the same 'LABEL: key=value[, ...]' format
 
@@ -30,7 +30,7 @@ def stage_batch(trainer: train.Trainer, k: int):
 def fixed_batch_rate(trainer: train.Trainer, k: int, batch, steps: int) -> float:
     """images/s of ``steps`` ``train_step`` calls on one prepped ``batch``, the schedule put back at
     stage ``k``'s start first (so it stays inside the plan however many rounds run)."""
-    trainer.step = trainer.scheduler.last_epoch = trainer.timeline.stage_starts[k]
+    trainer.step = trainer.parts.scheduler.last_epoch = trainer.timeline.stage_starts[k]
     start = time.perf_counter()
     for _ in range(steps):
         trainer.train_step(*batch)
@@ -49,18 +49,18 @@ def main() -> None:
     trainers = {}
     for label, sets in variants:
         recipe = load_recipe(a.recipe, a.sets + sets)
-        trainers[label] = train.Trainer(train.prepare(recipe, a.recipe), run_dir="")
+        trainers[label] = train.Trainer(parts.build_setup(recipe, a.recipe), run_dir="")
     first = trainers["as written"]
     for k, stage in enumerate(first.recipe.stages):
         x, y = stage_batch(first, k)
         rates, warm = {label: [] for label in trainers}, {}
         for label, trainer in trainers.items():
             start = time.perf_counter()
-            trainer.train_step(trainer.prep(x), y)  # first step at this size: compiles, if compiling
+            trainer.train_step(trainer.parts.normalize(x), y)  # first step at this size: compiles, if compiling
             warm[label] = time.perf_counter() - start
         for _ in range(a.rounds):
             for label, trainer in trainers.items():
-                rates[label].append(fixed_batch_rate(trainer, k, (trainer.prep(x), y), a.steps))
+                rates[label].append(fixed_batch_rate(trainer, k, (trainer.parts.normalize(x), y), a.steps))
         base = statistics.median(rates["as written"])
         for label, r in rates.items():
             m = statistics.median(r)

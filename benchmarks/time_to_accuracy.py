@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 
-from cadence import train
+from cadence import parts, rundir, train
 from cadence.recipe import load_recipe
 
 EVAL_ONLY = {"train.tta", "train.eval_batch_size"}  # keys that change evaluation, not training
@@ -61,13 +61,13 @@ def one_run(path: str, sets: list[str], seed: int, thresholds: list[float], run_
         subprocess.run([sys.executable, "-m", "cadence", "train", path, *overrides, "--out", run_dir, "--quiet"],
                        check=True, stdout=subprocess.DEVNULL)
         command = time.perf_counter() - start
-        last = [r for r in train.read_metrics(run_dir) if "val_top1" in r][-1]
+        last = [r for r in rundir.read_metrics(run_dir) if "val_top1" in r][-1]
         # the command's time outside the trainer's clock (start-up, loading the data, the closing report)
         # counts as if spent before the first step: times to reach are, if anything, overstated
         timing = {"loading": command - last["wall"], "command": command, "name": load_recipe(path, sets).name}
         with open(os.path.join(run_dir, "timing.json"), "w") as f:
             json.dump(timing, f)
-    evals = [r for r in train.read_metrics(run_dir) if "val_top1" in r]
+    evals = [r for r in rundir.read_metrics(run_dir) if "val_top1" in r]
     curve = [(timing["loading"] + r["wall"], r["val_top1"]) for r in evals]
     reach = {th: next((t for t, acc in curve if acc >= th), None) for th in thresholds}
     # the same, counting training steps only (no loading, no evaluation): fair to a finer eval grid
@@ -79,7 +79,7 @@ def one_run(path: str, sets: list[str], seed: int, thresholds: list[float], run_
 def reevaluate(run_dir: str, sets: list[str]) -> float:
     """Top-1 of a finished run's last checkpoint, evaluated with ``sets`` applied to its recipe."""
     recipe_file = os.path.join(run_dir, "recipe.yaml")
-    trainer = train.Trainer.resume(train.prepare(load_recipe(recipe_file, sets), recipe_file), run_dir)
+    trainer = train.Trainer.resume(parts.build_setup(load_recipe(recipe_file, sets), recipe_file), run_dir)
     return trainer.evaluate()["val_top1"]
 
 

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from cadence import cli, train
+from cadence import cli, rundir, train
 from cadence.recipe import load_recipe
 from test_train import ROOT, TINY, write_recipe
 
@@ -43,7 +43,7 @@ def test_compare_finished_runs_without_retraining(tmp_path, capsys):
     out = capsys.readouterr().out
     finals = {}
     for d in dirs:
-        rows = [r for r in train.read_metrics(d) if "val_top1" in r]
+        rows = [r for r in rundir.read_metrics(d) if "val_top1" in r]
         finals.setdefault(os.path.basename(d).rsplit("-", 1)[0], []).append(rows[-1]["val_top1"])
     for name, values in finals.items():
         assert f"{name}: top-1 {100 * sum(values) / 2:.2f}" in out
@@ -58,7 +58,7 @@ def test_compare_finished_runs_without_retraining(tmp_path, capsys):
     target = sum(finals["tiny"]) / 2
     assert summary["_baseline"]["name"] == "tiny" and summary["_baseline"]["top1"] == target
     for name in ("tiny", "tiny-cosine"):  # on the mean curve of the two seeds
-        evals = [[r for r in train.read_metrics(d) if "val_top1" in r]
+        evals = [[r for r in rundir.read_metrics(d) if "val_top1" in r]
                  for d in dirs if os.path.basename(d).rsplit("-", 1)[0] == name]
         curve = [((a["time"] + b["time"]) / 2, (a["val_top1"] + b["val_top1"]) / 2) for a, b in zip(*evals)]
         hit = next((t for t, top1 in curve if top1 >= target - 1e-12), None)
@@ -79,7 +79,7 @@ def test_compare_resumes_an_unfinished_run_and_reuses_finished_ones(tmp_path, ca
     run = out_dir / "tiny-seed0"
     assert cli.main(["train", recipe, "--out", str(run), "--quiet", "--max-steps", "4", "--set", "seed=0"]) == 0
     assert cli.main(["compare", recipe, "--out", str(out_dir), "--quiet"]) == 0
-    rows = train.read_metrics(str(run))
+    rows = rundir.read_metrics(str(run))
     assert [r["step"] for r in rows if "loss" in r] == list(range(12))  # continued from step 4, not retrained
     capsys.readouterr()
     assert cli.main(["compare", recipe, "--out", str(out_dir), "--quiet"]) == 0
@@ -103,7 +103,7 @@ def test_compare_runs_the_range_test_for_lr_auto(tmp_path, capsys):
     recorded = load_recipe(str(run / "recipe.yaml"))
     assert "optimizer.lr: auto -> " in capsys.readouterr().out and recorded.optimizer.lr != 1.0
     assert (run / "lr_find.csv").exists()
-    rows, plan = [r for r in train.read_metrics(str(run)) if "lr" in r], recorded.timeline(train_samples=96)
+    rows, plan = [r for r in rundir.read_metrics(str(run)) if "lr" in r], recorded.timeline(train_samples=96)
     assert [r["lr"] for r in rows] == pytest.approx([plan.lr[r["step"]] for r in rows])  # trained at the pick
     assert cli.main(["compare", recipe, "--out", str(out_dir), "--quiet"]) == 0  # reused, not a "different recipe"
     assert "already trained, reusing it" in capsys.readouterr().out
@@ -112,6 +112,6 @@ def test_compare_runs_the_range_test_for_lr_auto(tmp_path, capsys):
                      "--set", "seed=0"]) == 0
     picked = load_recipe(str(part / "tiny-seed0" / "recipe.yaml")).optimizer.lr
     assert cli.main(["compare", recipe, "--out", str(part), "--quiet"]) == 0
-    rows = [r for r in train.read_metrics(str(part / "tiny-seed0")) if "lr" in r]
+    rows = [r for r in rundir.read_metrics(str(part / "tiny-seed0")) if "lr" in r]
     assert [r["step"] for r in rows] == list(range(12)) and "auto ->" not in capsys.readouterr().out
     assert load_recipe(str(part / "tiny-seed0" / "recipe.yaml")).optimizer.lr == picked

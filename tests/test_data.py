@@ -14,7 +14,7 @@ from scipy import stats
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as F
 
-from cadence import cli, data, train
+from cadence import cli, data, parts, rundir, train
 from cadence.errors import FieldError
 from cadence.plan import Stage
 from cadence.prepare import prepare_copy
@@ -205,7 +205,7 @@ BAD_RECIPE = {
 def test_bad_images_are_skipped_counted_and_listed(tmp_path):
     unreadable = bad_folder(tmp_path / "d")
     raw = {**BAD_RECIPE, "data": {"source": "imagefolder", "root": str(tmp_path / "d"), "num_workers": 0}}
-    setup = train.prepare(recipe_from_dict(raw))
+    setup = parts.build_setup(recipe_from_dict(raw))
     assert setup.source.num_classes == 4 and len(setup.source.train) == 3 * 6 + 6  # files, before decoding
     trainer, final = train.train(setup, str(tmp_path / "run"), progress=False)
     listed = [line.split("\t") for line in (tmp_path / "run" / "bad_images.txt").read_text().splitlines()]
@@ -213,7 +213,7 @@ def test_bad_images_are_skipped_counted_and_listed(tmp_path):
     assert any(p.endswith("c3") and "empty class folder" in r for p, r in listed)
     # gray, CMYK and PNG-in-a-.JPEG are images: read (converted to RGB), not listed
     assert not any(os.path.basename(p) in ("gray.jpg", "cmyk.jpg", "png-inside.JPEG") for p, _ in listed)
-    rows = [r for r in train.read_metrics(str(tmp_path / "run")) if "loss" in r]
+    rows = [r for r in rundir.read_metrics(str(tmp_path / "run")) if "loss" in r]
     assert rows[-1]["bad_images"] == 2 * len(unreadable)  # met in each of the 2 epochs
     assert final is not None and trainer.step == 2 * (24 // 8)
 
@@ -241,7 +241,7 @@ def test_no_readable_image_is_an_error_before_training(tmp_path):
         (tmp_path / split / "a" / "x.jpg").write_text("junk")
     raw = {**BAD_RECIPE, "data": {"source": "imagefolder", "root": str(tmp_path)}}
     with pytest.raises(FieldError, match="holds no readable image"):
-        train.prepare(recipe_from_dict(raw))
+        parts.build_setup(recipe_from_dict(raw))
 
 
 def test_small_image_folder_skips_unreadable_files_at_decode(tmp_path):
@@ -268,7 +268,7 @@ def test_prepare_writes_a_bounded_copy_resumes_and_trains_from_it(tmp_path, caps
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text(json.dumps(raw))
     with pytest.raises(FieldError, match="holds no complete prepared copy"):
-        train.prepare(recipe_from_dict(raw))
+        parts.build_setup(recipe_from_dict(raw))
 
     assert cli.main(["prepare", str(recipe_file), "--workers", "2", "--quiet"]) == 0
     assert "18px: 18 images (18 written, 0 kept from before, 1 unreadable" in capsys.readouterr().out
@@ -294,7 +294,7 @@ def test_prepare_writes_a_bounded_copy_resumes_and_trains_from_it(tmp_path, caps
     assert [side for side, _ in copies] == [40, 18]
     assert [data.pick_copy(copies, r) for r in (12, 16, 20, 35, 64)] == [1, 1, 0, 0, 0]
 
-    setup = train.prepare(recipe_from_dict(raw))
+    setup = parts.build_setup(recipe_from_dict(raw))
     assert len(setup.source.train) == 18 and len(setup.source.val) == 18
     assert setup.source.train.items[0][0].startswith(str(out))
     assert setup.source.val.items[0][0].startswith(str(tmp_path / "d" / "val"))  # evaluation: the originals

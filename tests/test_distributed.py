@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from cadence import data, train
+from cadence import data, rundir, train
 from test_train import TINY, write_recipe
 
 RECIPE = copy.deepcopy(TINY)
@@ -48,7 +48,7 @@ def assert_close(a: dict, b: dict, rtol: float = 1e-5) -> None:
 
 
 def lrs(run_dir) -> list[float]:
-    return [r["lr"] for r in train.read_metrics(str(run_dir)) if "val_top1" not in r]
+    return [r["lr"] for r in rundir.read_metrics(str(run_dir)) if "val_top1" not in r]
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +67,8 @@ def test_two_ranks_match_one_process(runs):
     assert any(k.endswith("running_mean") for k in two["model"])  # SyncBN statistics came back as BN's
     assert_close(one, two)
     assert lrs(d / "one") == lrs(d / "two")
-    evals_one = [r for r in train.read_metrics(str(d / "one")) if "val_top1" in r]
-    evals_two = [r for r in train.read_metrics(str(d / "two")) if "val_top1" in r]
+    evals_one = [r for r in rundir.read_metrics(str(d / "one")) if "val_top1" in r]
+    evals_two = [r for r in rundir.read_metrics(str(d / "two")) if "val_top1" in r]
     assert [r["step"] for r in evals_one] == [r["step"] for r in evals_two] == [6, 12]
     assert abs(evals_one[-1]["val_loss"] - evals_two[-1]["val_loss"]) < 1e-4
 

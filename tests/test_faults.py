@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from cadence import cli, plan, train
+from cadence import cli, errors, files, parts, plan, rundir, train
 from cadence.recipe import recipe_from_dict
 from test_train import ROOT, TINY, assert_same_state, run, train_rows, write_recipe
 
@@ -65,7 +65,7 @@ def test_killed_at_random_moments_and_resumed_ends_bitwise_equal(tmp_path, refer
 def _fail_checkpoint_writes(monkeypatch, after: int, where: str, code: int) -> None:
     """From the ``after``-th checkpoint write on, fail its fsync or its mkstemp with ``code``."""
     seen = {"n": 0}
-    real_fsync, real_mkstemp = os.fsync, train.checkpoint.tempfile.mkstemp
+    real_fsync, real_mkstemp = os.fsync, files.tempfile.mkstemp
     failure = OSError(code, os.strerror(code))
 
     def fsync(fd):
@@ -81,7 +81,7 @@ def _fail_checkpoint_writes(monkeypatch, after: int, where: str, code: int) -> N
         return real_mkstemp(*args, suffix=suffix, **kwargs)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(train.checkpoint.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp)
 
 
 @pytest.mark.parametrize("where, code", [("fsync", errno.ENOSPC), ("mkstemp", errno.EACCES)],
@@ -98,7 +98,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last(tmp_path, caps
     if where == "fsync":  # nothing lost: once there is room again the run ends as if never stopped
         monkeypatch.undo()
         assert cli.main(["train", "--resume", str(run_dir), "--quiet"]) == 0
-        assert_same_state(reference[1], train.Trainer.resume(train.prepare(recipe_from_dict(TINY)), str(run_dir)))
+        assert_same_state(reference[1], train.Trainer.resume(parts.build_setup(recipe_from_dict(TINY)), str(run_dir)))
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")
@@ -137,13 +137,13 @@ def poison(monkeypatch, steps: set[int], checks: list | None = None) -> None:
     def train_step(self, x, y, guard=False):
         if not (guard and self.step in steps):
             return real(self, x, y, guard)
-        before = ({k: v.clone() for k, v in self.model.state_dict().items()},
-                  {k: {n: t.clone() for n, t in s.items()} for k, s in self.optimizer.state_dict()["state"].items()})
+        before = ({k: v.clone() for k, v in self.parts.model.state_dict().items()},
+                  {k: {n: t.clone() for n, t in s.items()} for k, s in self.parts.optimizer.state_dict()["state"].items()})
         loss = real(self, x * float("nan"), y, guard)
         if checks is not None:
             model, opt = before
-            checks.append(all(torch.equal(v, self.model.state_dict()[k]) for k, v in model.items())
-                          and all(torch.equal(t, self.optimizer.state_dict()["state"][k][n])
+            checks.append(all(torch.equal(v, self.parts.model.state_dict()[k]) for k, v in model.items())
+                          and all(torch.equal(t, self.parts.optimizer.state_dict()["state"][k][n])
                                   for k, s in opt.items() for n, t in s.items()))
         return loss
 
@@ -159,7 +159,7 @@ def test_a_nonfinite_loss_stops_at_once_naming_step_stage_and_lr(tmp_path, capsy
     assert err[-1].startswith(f"cadence: error: loss is nan at step 7 (stage 1, lr {lr:.4g}); lower optimizer.lr")
     assert "train.on_nonfinite: skip" in err[-1] and f"last checkpoint in {run_dir} (step 6)" in err[-1]
     assert last_checkpoint(run_dir)["step"] == 6  # saved before the divergence, not after
-    assert max(r["step"] for r in train.read_metrics(str(run_dir))) == 6
+    assert max(r["step"] for r in rundir.read_metrics(str(run_dir))) == 6
 
 
 def test_skip_mode_skips_the_update_counts_it_and_resumes_exactly(tmp_path, capsys, monkeypatch):
@@ -170,7 +170,7 @@ def test_skip_mode_skips_the_update_counts_it_and_resumes_exactly(tmp_path, caps
     assert cli.main(["train", recipe, "--out", str(straight), "--quiet"]) == 0
     assert "2 step(s) skipped for a non-finite loss" in capsys.readouterr().out
     assert checks == [True, True]  # weights, BatchNorm statistics and optimizer state untouched
-    rows = [r for r in train.read_metrics(str(straight)) if "val_top1" not in r]
+    rows = [r for r in rundir.read_metrics(str(straight)) if "val_top1" not in r]
     timeline = recipe_from_dict(raw).timeline()
     assert [r["lr"] for r in rows] == timeline.lr  # the schedule kept going: every step at its planned LR
     assert [r["skipped"] for r in rows] == [0] * 4 + [1] * 3 + [2] * 5
@@ -178,17 +178,17 @@ def test_skip_mode_skips_the_update_counts_it_and_resumes_exactly(tmp_path, caps
     assert last_checkpoint(straight)["evals"][-1]["skipped"] == 2
     run(raw, str(tmp_path / "part"), stop_at=5)
     resumed, _ = run(raw, str(tmp_path / "part"), resume=True)
-    assert resumed.skipped == 2
-    assert_same_state(train.Trainer.resume(train.prepare(recipe_from_dict(raw)), str(straight)), resumed)
+    assert resumed.guard.skipped == 2
+    assert_same_state(train.Trainer.resume(parts.build_setup(recipe_from_dict(raw)), str(straight)), resumed)
 
 
 def test_the_deferred_check_never_saves_a_diverged_state(tmp_path, monkeypatch):
     """On CUDA the loss is checked on the device and read at log steps and checkpoints (forced here)."""
     raw = TINY | {"train": TINY["train"] | {"log_every": 100}}
     poison(monkeypatch, {3})
-    trainer = train.Trainer.create(train.prepare(recipe_from_dict(raw)), str(tmp_path / "r"))
-    trainer.defer_check = True
-    with pytest.raises(train.Diverged, match=r"loss is not finite at step 3 \(stage 0, lr "):
+    trainer = train.Trainer.create(parts.build_setup(recipe_from_dict(raw)), str(tmp_path / "r"))
+    trainer.guard.deferred = True
+    with pytest.raises(errors.Diverged, match=r"loss is not finite at step 3 \(stage 0, lr "):
         trainer.fit(progress=False)
     assert last_checkpoint(tmp_path / "r")["step"] == 3  # the save at step 4 found it first
 
@@ -251,7 +251,7 @@ def test_a_policy_continues_on_the_new_timeline(tmp_path, capsys, stopped, polic
     new = recipe_from_dict(new_raw).timeline()
     assert yaml.safe_load(open(run_dir / "recipe.prev-1.yaml")) == yaml.safe_load(open(recipe))
     assert new_raw != yaml.safe_load(open(recipe)) and last_checkpoint(run_dir)["recipe"] == new_raw
-    rows = [r for r in train.read_metrics(str(run_dir)) if "val_top1" not in r]
+    rows = [r for r in rundir.read_metrics(str(run_dir)) if "val_top1" not in r]
     assert [r["step"] for r in rows] == list(range(5)) + list(range(at, len(new)))
     after = rows[5:]
     assert [r["lr"] for r in after] == new.lr[at:]  # the LR follows the new curve from the resume step
@@ -268,7 +268,7 @@ def test_changes_that_move_nothing_are_accepted_and_recorded(tmp_path, stopped, 
     assert yaml.safe_load(open(run_dir / "recipe.yaml"))["train"]["log_every"] == 2
     assert (run_dir / "recipe.prev-1.yaml").exists() and not (run_dir / "recipe_change.png").exists()
     assert not (run_dir / ".tmp-recipe.yaml").exists()
-    assert_same_state(reference[1], train.Trainer.resume(train.prepare(recipe_from_dict(TINY)), str(run_dir)))
+    assert_same_state(reference[1], train.Trainer.resume(parts.build_setup(recipe_from_dict(TINY)), str(run_dir)))
 
 
 # -- export ---------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from cadence import cli, lr_finder, train
+from cadence import cli, lr_finder, parts, rundir, smoothing, train
 from cadence.recipe import recipe_from_dict
 from test_train import TINY, write_recipe
 
@@ -31,8 +31,8 @@ def nearest(lr: float) -> int:
 
 
 def test_smoothing_is_bias_corrected():
-    assert lr_finder.smooth([3.0] * 10) == pytest.approx([3.0] * 10, rel=1e-12)
-    s = lr_finder.smooth([1.0, 0.0], beta=0.9)
+    assert smoothing.smooth([3.0] * 10) == pytest.approx([3.0] * 10, rel=1e-12)
+    s = smoothing.smooth([1.0, 0.0], beta=0.9)
     assert s[1] == pytest.approx(0.9 * 0.1 / (1 - 0.81))
 
 
@@ -74,18 +74,26 @@ def test_a_range_that_ends_before_the_loss_climbs_away_gets_a_message():
     assert lr_finder.suggest(GRID, falling, beta=0.0, diverged=True).edge == GRID[-1]
 
 
-def test_range_test_counts_a_non_finite_loss_as_the_edge(tmp_path, monkeypatch):
+def test_range_test_counts_a_non_finite_loss_as_the_edge(tmp_path):
     """A loss that turns NaN while still falling: the range test stops there and the edge is its last
-    finite LR (``diverged`` passed through); a range that just ends on a falling loss suggests nothing."""
-    trainer = train.Trainer(train.prepare(recipe_from_dict(TINY)), str(tmp_path))
+    finite LR (``diverged`` passed through); a range that just ends on a falling loss suggests nothing.
+    The range test runs any step function: here one that returns a scripted loss."""
+    setup = parts.build_setup(recipe_from_dict(TINY))
+    built = parts.build_parts(setup)
+    batches = lambda epoch: [(None, None)] * 7  # noqa: E731  (epochs of 7 batches: the test crosses epochs)
     losses = iter([3.0 - 0.05 * i for i in range(30)] + [math.nan] * 10)
-    monkeypatch.setattr(trainer, "train_step", lambda x, y: torch.tensor(next(losses)))
-    res = lr_finder.range_test(trainer, 0, start=1e-4, end=10.0, steps=40)
-    assert res.stopped_early and len(res.lrs) == 31 and res.error is None
-    assert res.suggestions.edge == res.lrs[29] and res.suggestions.recommended == res.lrs[29] / 10
+    lrs, got, stopped = lr_finder.range_test(built, batches, lambda x, y: torch.tensor(next(losses)),
+                                             start=1e-4, end=10.0, steps=40)
+    assert stopped and len(lrs) == 31 and math.isnan(got[-1])
+    assert lrs == [lr_finder.lr_at(i, 40, 1e-4, 10.0, "exp") for i in range(31)]
+    s = lr_finder.suggest(lrs[:30], got[:30], diverged=stopped)
+    assert s.edge == lrs[29] and s.recommended == lrs[29] / 10
     losses = iter([3.0 - 0.05 * i for i in range(30)])
-    res = lr_finder.range_test(trainer, 0, start=1e-4, end=10.0, steps=30)
-    assert not res.stopped_early and res.suggestions is None and "before the loss climbed away" in res.error
+    lrs, got, stopped = lr_finder.range_test(built, batches, lambda x, y: torch.tensor(next(losses)),
+                                             start=1e-4, end=10.0, steps=30)
+    assert not stopped and len(lrs) == 30
+    with pytest.raises(lr_finder.RangeTestError, match="before the loss climbed away"):
+        lr_finder.suggest(lrs, got, diverged=stopped)
 
 
 def test_lr_auto_with_adamw_says_the_pick_is_an_upper_bound(tmp_path, capsys):
@@ -119,20 +127,26 @@ def test_lr_spacing():
     assert lr_finder.lr_at(2, 5, 0.0 + 1e-4, 1.0, "linear") == pytest.approx((1e-4 + 1.0) / 2)
 
 
-def test_range_test_restores_the_trainer_bit_for_bit(tmp_path):
-    trainer = train.Trainer(train.prepare(recipe_from_dict(TINY)), str(tmp_path))
-    before = copy.deepcopy(trainer.model.state_dict())
-    opt_before = copy.deepcopy(trainer.optimizer.state_dict())
+def test_range_test_restores_the_parts_bit_for_bit_and_leaves_scheduler_and_ema_alone(tmp_path):
+    raw = copy.deepcopy(TINY)
+    raw["train"] = raw["train"] | {"ema": 0.9}
+    setup = parts.build_setup(recipe_from_dict(raw))
+    built = parts.build_parts(setup)
+    before = copy.deepcopy(built.model.state_dict())
+    ema_before = copy.deepcopy(built.ema.state_dict())
+    opt_before = copy.deepcopy(built.optimizer.state_dict())
     rng_before = torch.get_rng_state().clone()
-    res = lr_finder.range_test(trainer, 1, start=1e-4, end=10.0, steps=30)
+    res = lr_finder.range_test_stage(setup, built, 1, start=1e-4, end=10.0, steps=30)
     assert len(res.lrs) >= 6 and res.lrs[0] == pytest.approx(1e-4)
     assert res.resolution == 16 and res.batch_size == 32
-    for name, x in trainer.model.state_dict().items():
+    for name, x in built.model.state_dict().items():
         assert torch.equal(x, before[name]), name
-    assert trainer.optimizer.state_dict()["param_groups"] == opt_before["param_groups"]
-    assert trainer.optimizer.state_dict()["state"] == opt_before["state"] == {}
+    for name, x in built.ema.state_dict().items():  # the range test never updates the EMA
+        assert torch.equal(x, ema_before[name]), name
+    assert built.optimizer.state_dict()["param_groups"] == opt_before["param_groups"]
+    assert built.optimizer.state_dict()["state"] == opt_before["state"] == {}
     assert torch.equal(torch.get_rng_state(), rng_before)
-    assert trainer.scheduler.last_epoch == 0
+    assert built.scheduler.last_epoch == 0  # the caller's clock: never stepped
 
 
 def test_find_lr_cli_all_stages(tmp_path, capsys):
@@ -174,7 +188,7 @@ def test_lr_auto_records_the_choice(tmp_path):
     chosen = yaml.safe_load(text)["optimizer"]["lr"]
     assert isinstance(chosen, float) and 1e-5 < chosen < 10
     assert os.path.exists(tmp_path / "run" / "lr_find.png") and os.path.exists(tmp_path / "run" / "lr_find.csv")
-    rows = train.read_metrics(str(tmp_path / "run"))
+    rows = rundir.read_metrics(str(tmp_path / "run"))
     assert max(r["lr"] for r in rows if "lr" in r) <= chosen * 2 + 1e-12  # peak scaled by batch 32/16
     # resuming with the same auto recipe is accepted: the run's recorded LR stands in for "auto"
     assert cli.main(["train", recipe, "--resume", str(tmp_path / "run"), "--quiet"]) == 0

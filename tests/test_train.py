@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from cadence import cli, data, train
+from cadence import cli, data, parts, rundir, train
 from cadence.errors import FieldError
 from cadence.models import build_model
 from cadence.recipe import recipe_from_dict
@@ -52,19 +52,19 @@ def write_recipe(tmp_path, raw: dict, name: str = "recipe.yaml") -> str:
 
 
 def run(raw: dict, run_dir: str, stop_at: int | None = None, resume: bool = False):
-    setup = train.prepare(recipe_from_dict(raw))
+    setup = parts.build_setup(recipe_from_dict(raw))
     trainer, final = train.train(setup, run_dir, resume=resume, stop_at=stop_at, progress=False)
     return trainer, final
 
 
 def train_rows(run_dir: str) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("time", "wall")} for r in train.read_metrics(run_dir)]
+    return [{k: v for k, v in r.items() if k not in ("time", "wall")} for r in rundir.read_metrics(run_dir)]
 
 
 def assert_same_state(a: train.Trainer, b: train.Trainer) -> None:
-    for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+    for (name, x), (_, y) in zip(a.parts.model.state_dict().items(), b.parts.model.state_dict().items()):
         assert torch.equal(x, y), name
-    sa, sb = a.optimizer.state_dict(), b.optimizer.state_dict()
+    sa, sb = a.parts.optimizer.state_dict(), b.parts.optimizer.state_dict()
     assert sa["param_groups"] == sb["param_groups"]
     for k in sa["state"]:
         for name, x in sa["state"][k].items():
@@ -91,7 +91,7 @@ def test_evaluation_every_n_steps_is_logged_and_resumes_exactly(tmp_path, stop_a
     full, final = run(raw, str(tmp_path / "full"))
     assert [e["step"] for e in full.evals] == [5, 10, 12]  # every 5 steps, and the end of training
     assert final == full.evals[-1]
-    evals = [r for r in train.read_metrics(str(tmp_path / "full")) if "val_top1" in r]
+    evals = [r for r in rundir.read_metrics(str(tmp_path / "full")) if "val_top1" in r]
     assert [r["step"] for r in evals] == [5, 10, 12]
     assert [r["time"] for r in evals] == sorted(r["time"] for r in evals)
     run(raw, str(tmp_path / "part"), stop_at=stop_at)
@@ -132,7 +132,7 @@ def demo_run(tmp_path_factory):
 
 
 def test_demo_reaches_its_stated_accuracy(demo_run):
-    evals = [r for r in train.read_metrics(str(demo_run)) if "val_top1" in r]
+    evals = [r for r in rundir.read_metrics(str(demo_run)) if "val_top1" in r]
     assert evals[-1]["val_top1"] >= 0.95
     assert evals[-1]["resolution"] == 32
     for name in ("recipe.yaml", "metrics.jsonl", "checkpoints/last.pt", "plan.png", "curves.png", "report.html"):
@@ -146,7 +146,7 @@ def test_logged_lr_and_momentum_equal_the_plan(demo_run, tmp_path):
     csv_path = str(tmp_path / "plan.csv")
     assert cli.main(["plan", os.path.join(ROOT, "recipes", "demo.yaml"), "--csv", csv_path]) == 0
     plan = read_plan_csv(csv_path)
-    rows = [r for r in train.read_metrics(str(demo_run)) if "val_top1" not in r]
+    rows = [r for r in rundir.read_metrics(str(demo_run)) if "val_top1" not in r]
     assert [r["step"] for r in rows] == plan["step"]
     assert [r["lr"] for r in rows] == plan["lr"]
     assert [r["momentum"] for r in rows] == plan["momentum"]
@@ -155,7 +155,7 @@ def test_logged_lr_and_momentum_equal_the_plan(demo_run, tmp_path):
 
 
 def test_eval_at_another_resolution(demo_run, capsys):
-    final = [r for r in train.read_metrics(str(demo_run)) if "val_top1" in r][-1]
+    final = [r for r in rundir.read_metrics(str(demo_run)) if "val_top1" in r][-1]
     assert cli.main(["eval", str(demo_run)]) == 0
     out = capsys.readouterr().out
     assert f"top-1 {100 * final['val_top1']:.2f}%" in out and "at 32px" in out
@@ -191,13 +191,13 @@ def test_cifar10_jpeg_folder_end_to_end(tmp_path, cifar_subset):
            "stages": [{"epochs": 1, "resolution": 24, "batch_size": 50, "data_fraction": 0.5},
                       {"epochs": 1, "resolution": 32, "batch_size": 100}],
            "train": {"device": "cpu", "eval_every": "stage"}}
-    setup = train.prepare(recipe_from_dict(raw))
+    setup = parts.build_setup(recipe_from_dict(raw))
     assert setup.source.num_classes == 10 and len(setup.source.train) == 400 and len(setup.source.val) == 100
     assert setup.source.train.images.shape == (400, 3, 32, 32)
     trainer, final = train.train(setup, str(tmp_path / "run"), progress=False)
     assert trainer.step == len(setup.timeline) == 4 + 4
     assert 0.0 <= final["val_top1"] <= 1.0 and "val_top5" in final
-    evals = [r for r in train.read_metrics(str(tmp_path / "run")) if "val_top1" in r]
+    evals = [r for r in rundir.read_metrics(str(tmp_path / "run")) if "val_top1" in r]
     assert [r["stage"] for r in evals] == [0, 1]
 
 
@@ -239,8 +239,8 @@ def test_mixed_precision_and_channels_last_train(tmp_path, precision):
     raw = {**TINY, "stages": [{"epochs": 1, "resolution": 16, "batch_size": 16}],
            "train": {"device": "cpu", "precision": precision, "channels_last": True, "eval_every": "end"}}
     trainer, final = run(raw, str(tmp_path / "run"))
-    assert trainer.scaler.is_enabled() == (precision == "fp16")
-    losses = [r["loss"] for r in train.read_metrics(str(tmp_path / "run")) if "val_top1" not in r]
+    assert trainer.parts.scaler.is_enabled() == (precision == "fp16")
+    losses = [r["loss"] for r in rundir.read_metrics(str(tmp_path / "run")) if "val_top1" not in r]
     assert len(losses) == 6 and all(0 < v < 10 for v in losses)
     assert 0.0 <= final["val_top1"] <= 1.0
 
@@ -298,12 +298,12 @@ def test_a_signal_finishes_the_step_saves_and_resumes_exactly(tmp_path, sig):
     assert p.returncode == 128 + sig, err
     assert "--resume" in err and "Traceback" not in err
     saved = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
-    steps_logged = [r["step"] for r in train.read_metrics(str(run_dir)) if "val_top1" not in r]
+    steps_logged = [r["step"] for r in rundir.read_metrics(str(run_dir)) if "val_top1" not in r]
     assert 3 <= saved["step"] < 36 and steps_logged[-1] == saved["step"] - 1
     assert cli.main(["train", "--resume", str(run_dir), "--quiet"]) == 0
     full, _ = run(raw, str(tmp_path / "full"))
     resumed = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
-    for name, x in full.model.state_dict().items():
+    for name, x in full.parts.model.state_dict().items():
         assert torch.equal(x, resumed["model"][name]), name
 
 
@@ -338,25 +338,25 @@ def test_divergence_stops_with_one_clear_line(tmp_path, capsys):
 
 def test_weight_ema_follows_its_recurrence_is_evaluated_and_resumes_exactly(tmp_path):
     raw = {**TINY, "train": {**TINY["train"], "ema": 0.8}}
-    trainer = train.Trainer(train.prepare(recipe_from_dict(raw)), run_dir="")
+    trainer = train.Trainer(parts.build_setup(recipe_from_dict(raw)), run_dir="")
     ema = None
     for x, y in trainer.loader(0, 0):
-        trainer.train_step(trainer.prep(x), y)
-        params = [p.detach().clone() for p in trainer.model.parameters()]
+        trainer.train_step(trainer.parts.normalize(x), y)
+        params = [p.detach().clone() for p in trainer.parts.model.parameters()]
         ema = params if ema is None else [0.8 * e + 0.2 * p for e, p in zip(ema, params)]
-    for e, p in zip(ema, trainer.ema.module.parameters()):
+    for e, p in zip(ema, trainer.parts.ema.module.parameters()):
         assert torch.allclose(e, p, atol=1e-6)
-    for b, m in zip(trainer.ema.module.buffers(), trainer.model.buffers()):  # BatchNorm statistics averaged too
+    for b, m in zip(trainer.parts.ema.module.buffers(), trainer.parts.model.buffers()):  # BatchNorm statistics averaged too
         assert b.dtype != torch.float32 or not torch.equal(b, m)
     result = trainer.evaluate()
-    trainer.model.load_state_dict(trainer.ema.module.state_dict())
-    trainer.ema = None
+    trainer.parts.model.load_state_dict(trainer.parts.ema.module.state_dict())
+    trainer.parts.ema = None
     assert trainer.evaluate() == result  # evaluation used the averaged weights
 
     full, final = run(raw, str(tmp_path / "full"))
     run(raw, str(tmp_path / "part"), stop_at=5)
     resumed, final2 = run(raw, str(tmp_path / "part"), resume=True)
-    for (name, x), (_, y) in zip(full.ema.state_dict().items(), resumed.ema.state_dict().items()):
+    for (name, x), (_, y) in zip(full.parts.ema.state_dict().items(), resumed.parts.ema.state_dict().items()):
         assert torch.equal(x, y), name
     assert {k: v for k, v in final2.items() if k not in ("time", "wall")} == \
         {k: v for k, v in final.items() if k not in ("time", "wall")}
@@ -364,30 +364,30 @@ def test_weight_ema_follows_its_recurrence_is_evaluated_and_resumes_exactly(tmp_
 
 def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror():
     raw = {**TINY, "train": {**TINY["train"], "tta": "flip"}}
-    trainer = train.Trainer(train.prepare(recipe_from_dict(raw)), run_dir="")
+    trainer = train.Trainer(parts.build_setup(recipe_from_dict(raw)), run_dir="")
     for x, y in trainer.loader(0, 0):
-        trainer.train_step(trainer.prep(x), y)
+        trainer.train_step(trainer.parts.normalize(x), y)
     result = trainer.evaluate()
-    trainer.model.eval()
+    trainer.parts.model.eval()
     logits, labels = [], []
     with torch.no_grad():
         for x, y in data.eval_loader(trainer.source, 16, 1000):
-            x = trainer.prep(x)
-            logits.append((trainer.model(x) + trainer.model(x.flip(3))) / 2)
+            x = trainer.parts.normalize(x)
+            logits.append((trainer.parts.model(x) + trainer.parts.model(x.flip(3))) / 2)
             labels.append(y)
     logits, labels = torch.cat(logits), torch.cat(labels)
     assert result["val_top1"] == (logits.argmax(1) == labels).float().mean().item()
     assert result["val_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
     digits = {**raw, "data": {"source": "digits"}}
     with pytest.raises(FieldError, match="never flipped in training"):
-        train.prepare(recipe_from_dict(digits))
+        parts.build_setup(recipe_from_dict(digits))
 
 
 def test_patch_whitening_stem_decorrelates_patches_and_stays_frozen():
     raw = {**TINY, "model": {"arch": "fastnet", "width": 8, "whiten": True}}
-    trainer = train.Trainer(train.prepare(recipe_from_dict(raw)), run_dir="")
-    stem = trainer.model.whiten
-    sample = trainer._whitening_sample()
+    trainer = train.Trainer(parts.build_setup(recipe_from_dict(raw)), run_dir="")
+    stem = trainer.parts.model.whiten
+    sample = parts.whitening_sample(trainer.setup)
     out = torch.nn.functional.conv2d(sample, stem.weight[:12]).permute(0, 2, 3, 1).reshape(-1, 12).double()
     cov = out.T @ out / len(out)
     values = torch.linalg.eigvalsh((lambda p: p.T @ p / len(p))(
@@ -397,10 +397,10 @@ def test_patch_whitening_stem_decorrelates_patches_and_stays_frozen():
     assert torch.allclose(torch.diagonal(cov).sort().values, expected.sort().values, atol=1e-4)
     before = stem.weight.clone()
     for x, y in trainer.loader(0, 0):
-        trainer.train_step(trainer.prep(x), y)
+        trainer.train_step(trainer.parts.normalize(x), y)
     assert torch.equal(stem.weight, before) and not stem.weight.requires_grad
     with pytest.raises(FieldError, match="patch whitening is a fastnet stem"):
-        train.prepare(recipe_from_dict({**raw, "model": {"arch": "resnet18", "whiten": True}}))
+        parts.build_setup(recipe_from_dict({**raw, "model": {"arch": "resnet18", "whiten": True}}))
 
 
 def test_fastnet_block_widths():
@@ -420,14 +420,14 @@ def test_tensorboard_drops_the_steps_a_resume_redoes(tmp_path, resume_step):
     again; TensorBoard must show each step once, from the new session."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    log = train.MetricsLog(str(tmp_path), 0)
+    log = rundir.MetricsLog(str(tmp_path), 0)
     for s in range(6):
         log.write({"step": s, "loss": 1.0})
         if s == 2:  # an evaluation after step 2 is logged at 3, the step a checkpoint there resumes at
             log.write({"step": 3, "val_top1": 0.5})
     log.close()
     time.sleep(1.1)  # event files are named by the second they were opened in
-    log = train.MetricsLog(str(tmp_path), resume_step)
+    log = rundir.MetricsLog(str(tmp_path), resume_step)
     for s in range(resume_step, 5):
         log.write({"step": s, "loss": 2.0})
     log.close()
@@ -447,8 +447,8 @@ def test_cpu_training_reuses_freed_memory_instead_of_faulting_it_in(tuned):
     a heap that other tests grew past the trim threshold would hand memory back."""
     code = f"""
 import resource, torch
-from cadence import train
-assert train.keep_freed_memory() if {tuned} else True
+from cadence import parts
+assert parts.keep_freed_memory() if {tuned} else True
 for _ in range(3):  # allocated, touched and freed: the heap grows to hold it
     torch.ones(16 * 2**20)
 for _ in range(3):

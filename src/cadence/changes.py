@@ -1,12 +1,10 @@
 """A run resumed with a different recipe: every difference, what it moves, and where to continue.
 
-Each difference is one of three kinds (by field path):
+Each difference is one of three kinds (by field path; the lists are ``MODEL`` and ``FREE`` below,
+the one source of them: the README's list is tested against them):
 
-* ``model``: the checkpoint would not fit (``model.*``, ``optimizer.name``,
-  ``optimizer.decay_norm_and_bias``, ``data.source``, ``data.num_classes``): always refused.
-* ``free``: no effect on the schedule or the data order (``name``, ``train.*``, ``data.root``,
-  ``data.val_split``, ``data.val_samples``, ``data.download``, ``data.num_workers``, ``data.cache``,
-  ``data.cache_dir``, ``data.prepared``, ``data.on_bad_image``, ``optimizer.weight_decay``, ``optimizer.beta2``, ``optimizer.nesterov``): accepted and recorded.
+* ``model``: the checkpoint would not fit (``MODEL``): always refused.
+* ``free``: no effect on the schedule or the data order (``FREE``): accepted and recorded.
 * ``schedule``: everything else (``stages``, ``schedule``, ``seed``, the LR keys of ``optimizer``, the
   rest of ``data``): refused unless a policy says where on the new timeline to continue
   (``keep-position`` or ``stretch``, see :func:`cadence.plan.continue_at`).
@@ -21,12 +19,16 @@ from dataclasses import dataclass
 import yaml
 
 from cadence.errors import FieldError
+from cadence.files import write_text_atomic
 from cadence.recipe import DataConfig, ModelConfig, OptimizerConfig, Recipe, TrainConfig, dump_recipe, recipe_from_dict
+from cadence.rundir import RunDir
 
 POLICIES = ("keep-position", "stretch")
+# a field path is of a kind if it equals one of these or lies under one (``train`` covers ``train.*``)
 MODEL = ("model", "optimizer.name", "optimizer.decay_norm_and_bias", "data.source", "data.num_classes")
 FREE = ("name", "train", "data.root", "data.val_split", "data.val_samples", "data.download", "data.num_workers",
-        "data.cache", "data.cache_dir", "data.prepared", "data.on_bad_image", "optimizer.weight_decay", "optimizer.beta2", "optimizer.nesterov")
+        "data.cache", "data.cache_dir", "data.prepared", "data.on_bad_image", "optimizer.weight_decay",
+        "optimizer.beta2", "optimizer.nesterov")
 UNSET = "(unset)"
 
 
@@ -119,7 +121,7 @@ def reconcile(state: dict, recipe: Recipe, timeline, run_dir: str, policy: str |
         old = recipe_from_dict(state["recipe"])
         same_data = not any(d.path.startswith("data.") and d.kind == "schedule" for d in diffs)
         old_timeline = old.timeline(train_samples=train_samples if same_data else None, world_size=world_size)
-        figure = os.path.join(run_dir, "recipe_change.png")
+        figure = RunDir(run_dir).file("recipe_change.png")
         if write:
             at_policy = {p: plan.continue_at(old_timeline, done, timeline, p) for p in POLICIES}
             report.plot_recipe_change(old_timeline, done, timeline, at_policy, figure)
@@ -135,7 +137,7 @@ def reconcile(state: dict, recipe: Recipe, timeline, run_dir: str, policy: str |
                              f"({len(timeline):,} steps)", recipe_file)
     if write:
         if at != done or len(timeline) != state["scheduler"].get("timeline_steps"):
-            report.plot_plan(timeline, os.path.join(run_dir, "plan.png"), title=recipe.name)
+            report.plot_plan(timeline, RunDir(run_dir).file("plan.png"), title=recipe.name)
         record(run_dir, recipe, f"resumed with a changed recipe at step {at:,} of {len(timeline):,} "
                f"({policy or 'no change to the schedule'}; the checkpoint was at step {done:,})")
     return at
@@ -144,17 +146,12 @@ def reconcile(state: dict, recipe: Recipe, timeline, run_dir: str, policy: str |
 def record(run_dir: str, recipe: Recipe, note: str) -> str | None:
     """Keep the run's ``recipe.yaml`` as ``recipe.prev-N.yaml`` and write ``recipe`` in its place
     (nothing kept if it already holds ``recipe``); returns the kept file's name."""
-    from cadence import checkpoint
-
-    path = os.path.join(run_dir, "recipe.yaml")
-    with open(path, encoding="utf-8") as f:
+    run = RunDir(run_dir)
+    with open(run.recipe, encoding="utf-8") as f:
         current = f.read()
     if yaml.safe_load(current) == recipe.raw:
         return None
-    n = 1
-    while os.path.exists(os.path.join(run_dir, f"recipe.prev-{n}.yaml")):
-        n += 1
-    kept = f"recipe.prev-{n}.yaml"
-    checkpoint.write_text_atomic(current, os.path.join(run_dir, kept))
-    checkpoint.write_text_atomic(dump_recipe(recipe, note), path)
-    return kept
+    kept = run.next_prev_recipe()
+    write_text_atomic(current, kept)
+    write_text_atomic(dump_recipe(recipe, note), run.recipe)
+    return os.path.basename(kept)

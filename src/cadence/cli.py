@@ -9,10 +9,19 @@ import sys
 from cadence.errors import FieldError
 
 
-def _recipe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="recipe YAML file")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe field, e.g. --set optimizer.lr=0.4 (repeatable)")
+def _recipe_args(p: argparse.ArgumentParser, nargs: str | None = None, help: str = "recipe YAML file") -> None:
+    p.add_argument("recipe", nargs=nargs, help=help)
+    _set_arg(p)
+
+
+def _set_arg(p: argparse.ArgumentParser, help: str = "override a recipe field, e.g. --set optimizer.lr=0.4 "
+             "(repeatable)") -> None:
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+def _say(main: bool):
+    """``print`` to stderr on rank 0; nothing on other ranks."""
+    return (lambda *a: print(*a, file=sys.stderr)) if main else (lambda *a: None)
 
 
 def cmd_plan(args) -> int:
@@ -62,82 +71,69 @@ def cmd_prepare(args) -> int:
 def _resolve_recipe(args):
     """The recipe to train: RECIPE (+ --set), or, when resuming, the run's own recipe.yaml.
     (A resumed run's recipe is checked against its checkpoint's in ``changes.reconcile``.)"""
+    from cadence.compare import as_recorded
     from cadence.recipe import load_recipe
+    from cadence.rundir import RunDir
 
     if args.resume:
-        saved = os.path.join(args.resume, "recipe.yaml")
-        if not os.path.exists(saved):
+        run = RunDir(args.resume)
+        if not run.has_recipe():
             raise FieldError("--resume", args.resume, "is not a run directory (it holds no recipe.yaml)")
-        run_recipe = load_recipe(saved)
+        run_recipe = load_recipe(run.recipe)
         if args.recipe is None and not args.sets:
-            return run_recipe, saved
-        return _as_recorded(load_recipe(args.recipe or saved, args.sets), run_recipe), args.recipe or saved
+            return run_recipe, run.recipe
+        return as_recorded(load_recipe(args.recipe or run.recipe, args.sets), run_recipe), args.recipe or run.recipe
     if args.recipe is None:
         raise FieldError("RECIPE", None, "give a recipe file (or --resume RUN_DIR)")
     return load_recipe(args.recipe, args.sets), args.recipe
 
 
 def cmd_train(args) -> int:
-    from cadence import train
+    from cadence import distributed, parts, train
+    from cadence.compare import auto_lr_line
+    from cadence.rundir import RunDir
 
     if args.max_steps is not None and args.max_steps < 1:
         raise FieldError("--max-steps", args.max_steps, "must be >= 1")
     recipe, recipe_file = _resolve_recipe(args)
-    setup = train.prepare(recipe, recipe_file)
-    run_dir = args.resume or args.out or train.default_run_dir(recipe)
-    if not args.resume and os.path.exists(os.path.join(run_dir, "checkpoints", "last.pt")):
-        raise FieldError("--out", run_dir, "already holds a run (use --resume to continue it)")
-    state, at = None, None
-    say = print if setup.dist.main else (lambda *a, **k: None)
-    last = os.path.join(run_dir, "checkpoints", "last.pt")
-    if args.resume and os.path.exists(last):  # read (and vet) the checkpoint before saying or doing anything
+    setup = parts.build_setup(recipe, recipe_file)
+    run = RunDir(args.resume or args.out or RunDir.default(recipe.name))
+    if not args.resume and run.has_checkpoint():
+        raise FieldError("--out", run.path, "already holds a run (use --resume to continue it)")
+    if not args.resume and (why := run.cannot_create()):
+        raise FieldError("--out", run.path, f"cannot create it: {why}")
+    say = _say(setup.dist.main)
+    state, at, built = None, None, None
+    if args.resume and run.has_checkpoint():  # read (and vet) the checkpoint before saying or doing anything
         from cadence import changes, checkpoint
 
-        state = checkpoint.load(last)
-        at = changes.reconcile(state, setup.recipe, setup.timeline, run_dir, args.on_recipe_change,
+        state = checkpoint.load(run.last)
+        at = changes.reconcile(state, setup.recipe, setup.timeline, run.path, args.on_recipe_change,
                                recipe_file=recipe_file, train_samples=len(setup.source.train),
                                world_size=setup.dist.world, write=setup.dist.main)
     elif args.resume:
-        say(f"cadence: {run_dir} was stopped before its first checkpoint: training it from step 0", file=sys.stderr)
+        say(f"cadence: {run} was stopped before its first checkpoint: training it from step 0")
     if recipe.optimizer.lr == "auto":
-        setup = train.find_auto_lr(setup, recipe_file, progress=not args.quiet and setup.dist.main)
-        say(_auto_lr_chosen(setup.recipe), file=sys.stderr)
-    if not args.resume and setup.dist.main:  # a new run's folder that cannot be made is bad input, not a crash
-        try:
-            os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-        except OSError as e:
-            raise FieldError("--out", run_dir, f"cannot create it: {e.strerror or e}") from None
+        setup, built = train.find_auto_lr(setup, recipe_file, progress=not args.quiet and setup.dist.main)
+        say(auto_lr_line(setup.recipe))
     ranks = f" x {setup.dist.world} ranks" if setup.dist.active else ""
     say(f"{recipe.name}: {len(setup.timeline):,} steps over {len(recipe.stages)} stage(s) on "
-        f"{setup.device}{ranks}; run directory {run_dir}", file=sys.stderr)
+        f"{setup.device}{ranks}; run directory {run}")
     try:
-        trainer, final = train.train(setup, run_dir, resume=bool(args.resume), stop_at=args.max_steps,
-                                     progress=not args.quiet, state=state, at=at)
-    except train.Interrupted as e:
-        say(f"cadence: {e}: checkpoint written; continue with: cadence train --resume {run_dir}",
-            file=sys.stderr)
-        return 128 + e.signum
-    except FloatingPointError as e:  # divergence: the last good checkpoint is kept
-        say(f"cadence: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # disk full, no permission: the last checkpoint is intact
-        kept = f"; the last checkpoint is intact: cadence train --resume {run_dir}" if os.path.exists(last) else ""
-        say(f"cadence: error: cannot write {e.filename or run_dir}: {e.strerror or e}{kept}", file=sys.stderr)
-        return 1
+        trainer, final = train.train(setup, run.path, resume=bool(args.resume), stop_at=args.max_steps,
+                                     progress=not args.quiet, state=state, at=at, parts=built)
     finally:
-        from cadence import distributed
-
         distributed.shutdown()
     if not setup.dist.main:
         return 0
     if final is None:
         print(f"stopped after step {trainer.step:,} of {len(setup.timeline):,}; continue with: "
-              f"cadence train --resume {run_dir}")
+              f"cadence train --resume {run}")
         return 0
     print(_result_line(final, trainer.elapsed))
-    if trainer.skipped:
-        print(f"{trainer.skipped:,} step(s) skipped for a non-finite loss (train.on_nonfinite: skip)")
-    print(f"run directory: {run_dir}")
+    if trainer.guard.skipped:
+        print(f"{trainer.guard.skipped:,} step(s) skipped for a non-finite loss (train.on_nonfinite: skip)")
+    print(f"run directory: {run}")
     return 0
 
 
@@ -152,18 +148,24 @@ def _result_line(result: dict, elapsed: float | None = None) -> str:
 
 
 def cmd_eval(args) -> int:
-    from cadence import train
+    from cadence import checkpoint, parts
+    from cadence.evaluate import evaluate
     from cadence.recipe import load_recipe
+    from cadence.rundir import RunDir
 
     if args.resolution is not None and args.resolution < 1:
         raise FieldError("--resolution", args.resolution, "must be >= 1 px")
-    if not os.path.exists(os.path.join(args.run_dir, "checkpoints", "last.pt")):
+    run = RunDir(args.run_dir)
+    if not run.has_checkpoint():
         raise FieldError("RUN_DIR", args.run_dir, "holds no checkpoints/last.pt")
-    recipe_file = os.path.join(args.run_dir, "recipe.yaml")
-    setup = train.prepare(load_recipe(recipe_file, args.sets), recipe_file)
-    trainer = train.Trainer.resume(setup, args.run_dir)
-    result = trainer.evaluate(args.resolution)
-    print(_result_line(result) + f" (checkpoint at step {trainer.step:,})")
+    setup = parts.build_setup(load_recipe(run.recipe, args.sets), run.recipe)
+    state = checkpoint.load(run.last)
+    built = parts.build_parts(setup)
+    built.load_weights(state)
+    r = setup.recipe
+    result = evaluate(built, setup.source, args.resolution or r.eval_resolution, batch_size=r.train.eval_batch_size,
+                      tta=r.train.tta, workers=r.data.workers(), rank=setup.dist.rank, world=setup.dist.world)
+    print(_result_line(result) + f" (checkpoint at step {state['step']:,})")
     return 0
 
 
@@ -182,15 +184,16 @@ def cmd_export(args) -> int:
 
 def cmd_report(args) -> int:
     from cadence import report
+    from cadence.rundir import RunDir
 
-    if not os.path.exists(os.path.join(args.run_dir, "metrics.jsonl")):
+    if not os.path.exists(RunDir(args.run_dir).metrics):
         raise FieldError("RUN_DIR", args.run_dir, "holds no metrics.jsonl")
     print(f"wrote {report.write_run_report(args.run_dir)}")
     return 0
 
 
 def cmd_find_lr(args) -> int:
-    from cadence import lr_finder, train
+    from cadence import lr_finder, parts, report
     from cadence.plan import lr_scale
     from cadence.recipe import load_recipe
 
@@ -201,11 +204,11 @@ def cmd_find_lr(args) -> int:
     lr_finder.check_range(start, end, steps)
     if not 0 <= args.stage < len(recipe.stages):
         raise FieldError("--stage", args.stage, f"the recipe has stages 0..{len(recipe.stages) - 1}")
-    setup = train.prepare(recipe, args.recipe)
-    trainer = train.Trainer(setup, run_dir="")
+    setup = parts.build_setup(recipe, args.recipe)
+    built = parts.build_parts(setup)
     stages = range(len(recipe.stages)) if args.all_stages else [args.stage]
-    results = [lr_finder.range_test(trainer, k, start=start, end=end, steps=steps,
-                                    mode=args.mode, progress=not args.quiet) for k in stages]
+    results = [lr_finder.range_test_stage(setup, built, k, start=start, end=end, steps=steps, mode=args.mode,
+                                          progress=not args.quiet) for k in stages]
     if not setup.dist.main:
         return 0
     o = recipe.optimizer
@@ -227,8 +230,8 @@ def cmd_find_lr(args) -> int:
         print(f"  note: {note}")
     os.makedirs(args.out, exist_ok=True)
     csv_path, png_path = os.path.join(args.out, "lr_find.csv"), os.path.join(args.out, "lr_find.png")
-    lr_finder.write_csv(results, csv_path)
-    lr_finder.plot(results, png_path, title=f"{recipe.name}: LR range test")
+    report.write_range_csv(results, csv_path)
+    report.plot_range_test(results, png_path, title=f"{recipe.name}: LR range test")
     print(f"wrote {csv_path} and {png_path}")
     return 0 if any(res.suggestions for res in results) else 1
 
@@ -242,115 +245,31 @@ class _Parser(argparse.ArgumentParser):
 
 def cmd_compare(args) -> int:
     """Recipes (plans; trained with --seeds unless --plan-only) or finished run directories."""
+    import shlex
     import time
-    from cadence import report
-    from cadence.recipe import load_recipe
+
+    from cadence import compare
+    from cadence.errors import Interrupted
 
     runs = [p for p in args.items if os.path.isdir(p)]
     recipes = [p for p in args.items if not os.path.isdir(p)]
     if runs and recipes:
         raise FieldError("ITEMS", args.items, "give recipes or run directories, not both")
-    for d in runs:
-        if not os.path.exists(os.path.join(d, "metrics.jsonl")):
-            raise FieldError("ITEMS", d, "is not a finished run directory (no metrics.jsonl)")
-    loaded = [load_recipe(p, args.sets) for p in recipes]
-    timelines = {}
-    for r, p in zip(loaded, recipes):
-        try:
-            timelines[r.name] = r.timeline()
-        except FieldError as e:
-            raise e.within(file=p) from None
     out = args.out or os.path.join("runs", "compare-" + time.strftime("%Y%m%d-%H%M%S"))
     if args.plan_only:
         if runs or not recipes:
             raise FieldError("--plan-only", args.items, "compares recipes' plans: give recipe files")
         plot = args.plot or os.path.join(out, "plans.png")
-        os.makedirs(os.path.dirname(os.path.abspath(plot)), exist_ok=True)
-        report.plot_plans_overlay(timelines, plot)
-        auto = {r.name for r in loaded if r.optimizer.lr == "auto"}
-        for name, t in timelines.items():
-            peak = "auto (the range test picks it; plotted as 1)" if name in auto else f"{max(t.lr):.4g}"
-            print(f"{name}: {len(t):,} steps, {t.samples_seen[-1]:,} images, peak LR {peak}")
-        print(f"wrote {plot}")
+        print("\n".join(compare.plan_overlay(recipes, plot, args.sets)) + f"\nwrote {plot}")
         return 0
-    if recipes:  # train every recipe for every seed
-        from cadence import train
-
-        for r, p in zip(loaded, recipes):
-            train.prepare(r, p)  # all bad input before any training
-        for seed in range(args.seeds):  # seed by seed: a study cut short has every recipe at seed 0 first
-            for r, p in zip(loaded, recipes):
-                run_dir = os.path.join(out, f"{r.name}-seed{seed}")
-                recipe = load_recipe(p, args.sets + [f"seed={seed}"])
-                started = os.path.exists(os.path.join(run_dir, "checkpoints", "last.pt"))
-                if started:
-                    saved = load_recipe(os.path.join(run_dir, "recipe.yaml"))
-                    recipe = _as_recorded(recipe, saved)
-                    if saved.raw != recipe.raw:
-                        raise FieldError("--out", out, f"{run_dir} holds a run of a different {r.name} recipe; "
-                                         "compare into another folder", file=p)
-                setup = train.prepare(recipe, p)
-                if started and _finished(run_dir, len(setup.timeline)):
-                    print(f"{run_dir}: already trained, reusing it")
-                else:  # new, or stopped part-way (a killed study): continue it exactly
-                    if not started and recipe.optimizer.lr == "auto":
-                        setup = train.find_auto_lr(setup, p, progress=not args.quiet)
-                        print(f"{run_dir}: {_auto_lr_chosen(setup.recipe)}")
-                    train.train(setup, run_dir, resume=started, progress=not args.quiet)
-                runs.append(run_dir)
-    else:
-        for d in runs:
-            r = load_recipe(os.path.join(d, "recipe.yaml"))
-            timelines[r.name] = r.timeline()
-    os.makedirs(out, exist_ok=True)
-    thresholds = tuple(args.thresholds)
-    summary = report.summarize_runs(runs, thresholds)
-    baseline = None
-    if args.baseline:
-        if args.baseline not in summary:
-            raise FieldError("--baseline", args.baseline, f"is not one of the recipes compared: {sorted(summary)}")
-        target = summary[args.baseline]["top1_mean"]
-        thresholds += (target,)
-        summary = report.summarize_runs(runs, thresholds)
-        baseline = (args.baseline, target)
-    report.plot_plans_overlay(timelines, os.path.join(out, "plans.png"))
-    report.plot_runs_overlay(summary, os.path.join(out, "accuracy.png"))
-    for name, s in sorted(summary.items(), key=lambda kv: -kv[1]["top1_mean"]):
-        print(f"{name}: top-1 {100 * s['top1_mean']:.2f} +- {100 * s['top1_std']:.2f}% over {s['n']} "
-              f"run(s), {s['time_mean']:.1f} s")
-    if baseline is not None:
-        name, target = baseline
-        base_time = summary[name]["time_mean"]
-        print(f"time to reach {name}'s final top-1 ({100 * target:.2f}%), against its {base_time:.1f} s:")
-        for other, s in summary.items():
-            t = s["reach"][target]
-            print(f"  {other}: " + ("never (mean over seeds)" if t is None else f"{t:.1f} s, ratio {t / base_time:.2f}"))
-    report.write_summary_json(summary, os.path.join(out, "summary.json"), baseline)
-    print(f"wrote {report.write_compare_html(summary, out, thresholds, baseline)}")
+    if recipes:
+        try:
+            runs = compare.train_study(recipes, out, seeds=args.seeds, sets=args.sets, progress=not args.quiet)
+        except Interrupted as e:  # run again into the same folder, the study continues where it stopped
+            again = args.argv + ([] if args.out else ["--out", out])
+            raise Interrupted(e.signum, e.step, "cadence " + shlex.join(again)) from None
+    print("\n".join(compare.compare_runs(runs, out, args.thresholds, args.baseline).lines))
     return 0
-
-
-def _auto_lr_chosen(recipe) -> str:
-    """The line that says which peak LR the range test of ``optimizer.lr: auto`` chose (``recipe``
-    holds it now), with the caveat for the optimizer, if any."""
-    from cadence import lr_finder
-
-    note = lr_finder.caveat(recipe.optimizer.name)
-    return (f"optimizer.lr: auto -> {recipe.optimizer.lr:.4g} (LR range test on stage 0)"
-            + (f"; note: {note}" if note else ""))
-
-
-def _as_recorded(recipe, run_recipe):
-    """``recipe``, with the LR the run's range test chose if ``recipe`` says ``optimizer.lr: auto``."""
-    from cadence.recipe import with_lr
-
-    return with_lr(recipe, run_recipe.optimizer.lr) if recipe.optimizer.lr == "auto" else recipe
-
-
-def _finished(run_dir: str, steps: int) -> bool:
-    from cadence.report import read_metrics
-
-    return any("val_top1" in r and r["step"] == steps for r in read_metrics(run_dir))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -376,9 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a recipe (under torchrun: DDP, batch_size = global batch)")
-    p.add_argument("recipe", nargs="?", help="recipe YAML file (optional with --resume)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe field, e.g. --set data.root=/data/imagenet (repeatable)")
+    _recipe_args(p, nargs="?", help="recipe YAML file (optional with --resume)")
     p.add_argument("--out", help="run directory (default: runs/<name>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run exactly where it stopped")
     p.add_argument("--max-steps", type=int, help="stop (resumably) after this many optimizer steps in all")
@@ -405,14 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a run's last checkpoint, at any resolution")
     p.add_argument("run_dir")
     p.add_argument("--resolution", type=int, help="evaluation resolution in px (default: the recipe's)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of the run's recipe, e.g. --set data.root=...")
+    _set_arg(p, help="override a field of the run's recipe, e.g. --set data.root=...")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="compare recipes (plans, or trained over seeds) or finished runs")
     p.add_argument("items", nargs="+", help="recipe files, or finished run directories")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field in every recipe (e.g. data.root=...)")
+    _set_arg(p, help="override a field in every recipe (e.g. data.root=...)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per recipe when training")
     p.add_argument("--plan-only", action="store_true", help="compare the plans only: no data, no training")
     p.add_argument("--plot", help="with --plan-only: where to write the figure")
@@ -436,12 +351,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every way it can end maps to an exit code here, with one line on stderr:
+    bad input 2; a signal honoured after a checkpoint 128 + signal, with the command that continues;
+    Ctrl-C anywhere else 130; divergence or a failed write 1."""
+    from cadence.errors import Diverged, Interrupted
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except FieldError as e:
         print(f"cadence: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"cadence: {e}: checkpoint written; continue with: {e.resume}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print("cadence: interrupted (Ctrl-C) outside a training step: no checkpoint was written now; the "
+              "last one, if any, is intact", file=sys.stderr)
+        return 130
+    except Diverged as e:  # the last good checkpoint is kept
+        print(f"cadence: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, no permission: the last checkpoint is intact
+        then = f"; the last checkpoint is intact: {e.resume}" if getattr(e, "resume", None) else ""
+        print(f"cadence: error: cannot write {e.filename or ''}: {e.strerror or e}{then}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,6 +1,13 @@
-"""The one error type for bad input: it names the field (a dotted path), the value and the reason."""
+"""What can stop a command, as exception types the CLI maps to exit codes in one place (``cli.main``).
+
+``FieldError`` is bad input (exit 2); ``Interrupted`` is a signal that was honoured after a checkpoint
+(exit 128 + signal); ``Diverged`` is a non-finite loss or weights (exit 1). Torch-free, so the CLI can
+map them without importing the trainer.
+"""
 
 from __future__ import annotations
+
+import signal
 
 
 class FieldError(ValueError):
@@ -18,3 +25,16 @@ class FieldError(ValueError):
         """The same error, with ``prefix`` put before the field path and/or the file named."""
         field = f"{prefix}.{self.field}" if prefix and self.field else (prefix or self.field)
         return FieldError(field, self.value, self.message, file or self.file)
+
+
+class Diverged(FloatingPointError):
+    """A non-finite loss (``train.on_nonfinite: stop``) or non-finite weights; nothing diverged was saved."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived: the current step finished and a checkpoint was written.
+    ``resume``: the command that continues the work (printed by the CLI)."""
+
+    def __init__(self, signum: int, step: int, resume: str = ""):
+        super().__init__(f"{signal.Signals(signum).name} at step {step}")
+        self.signum, self.step, self.resume = signum, step, resume

@@ -1,8 +1,10 @@
 """LR range test (Smith 2015, as popularised by fastai's ``lr_find``).
 
-The suggestion rules are pure functions of ``(lrs, losses)``; ``range_test`` runs the trainer's own
-step (same data pipeline, precision, memory format) with the LR rising, and puts model, optimizer,
-scaler, scheduler and RNG back exactly as they were.
+The suggestion rules are pure functions of ``(lrs, losses)``. ``range_test`` runs any step function
+on :class:`~cadence.parts.Parts` with the LR rising, and puts model, optimizer, grad scaler and RNG
+back exactly as they were; it never steps the scheduler or the EMA (the caller owns their clocks).
+``range_test_stage`` runs it with the training step, data pipeline, precision and memory format of a
+recipe's stage. The curve's CSV and figure are drawn by :mod:`cadence.report`.
 """
 
 from __future__ import annotations
@@ -12,19 +14,11 @@ import math
 from dataclasses import dataclass, field
 
 from cadence.errors import FieldError
+from cadence.smoothing import smooth
 
 
 class RangeTestError(ValueError):
     """The curve has no usable descent: the loss never falls, or it diverges at once."""
-
-
-def smooth(losses: list[float], beta: float = 0.9) -> list[float]:
-    """Exponential moving average with bias correction (the first value is not pulled to 0)."""
-    out, avg = [], 0.0
-    for i, v in enumerate(losses, 1):
-        avg = beta * avg + (1 - beta) * v
-        out.append(avg / (1 - beta ** i))
-    return out
 
 
 def steepest(lrs: list[float], losses: list[float]) -> float:
@@ -81,11 +75,6 @@ class Suggestions:
     valley: float
     edge: float  # where the smoothed loss climbs away for good (divergence_edge)
     recommended: float  # max_lr for a one-cycle: a decade below the edge
-    reason: str = ""
-
-    def as_dict(self) -> dict:
-        return {"steepest": self.steepest, "minimum/10": self.minimum_div_10, "valley": self.valley,
-                "edge": self.edge, "recommended": self.recommended}
 
 
 def suggest(lrs: list[float], losses: list[float], *, beta: float = 0.9, min_drop: float = 0.1,
@@ -140,8 +129,8 @@ def caveat(optimizer: str) -> str:
     """What to know about the recommendation for ``optimizer`` ('' where nothing): the factor of 10
     below the edge was measured for SGD."""
     if optimizer == "adamw":
-        return ("with AdamW a tenth of the edge measured 2.3x above a sweep's best peak "
-                "(benchmarks/RESULTS.md): treat it as an upper bound")
+        return ("with AdamW a tenth of the edge measured well above a sweep's best peak "
+                "(benchmarks/RESULTS.md, the LR claim): treat it as an upper bound")
     return ""
 
 
@@ -174,102 +163,84 @@ def check_range(start: float, end: float, steps: int) -> None:
         raise FieldError("--steps", steps, "must be >= 5")
 
 
-def range_test(trainer, stage: int = 0, *, start: float = 1e-6, end: float = 10.0, steps: int = 200,
-               mode: str = "exp", diverge: float = 4.0, progress: bool = False) -> RangeResult:
-    """Train ``steps`` batches of ``stage`` (its resolution, batch size and data) with the LR rising
-    from ``start`` to ``end``; stop once the smoothed loss exceeds ``diverge`` x its best. Model,
-    optimizer, scaler, scheduler and RNG state are restored afterwards, bit for bit."""
+def range_test(parts, batches, step, *, start: float = 1e-6, end: float = 10.0, steps: int = 200,
+               mode: str = "exp", diverge: float = 4.0, momentum=None, progress: bool = False,
+               desc: str = "range test") -> tuple[list[float], list[float], bool]:
+    """Run ``step(x, y) -> loss`` on the batches of ``batches(epoch)`` (epoch 0, 1, ... as needed) for
+    ``steps`` steps, with the LR of every param group of ``parts.optimizer`` rising from ``start`` to
+    ``end`` (and ``momentum(i)``, if given, set for step ``i``); stop once the smoothed loss exceeds
+    ``diverge`` x its best, or is not finite. Model, optimizer, grad scaler and RNG state are restored
+    afterwards, bit for bit. Returns ``(lrs, losses, stopped_early)``."""
     from tqdm import tqdm
 
     from cadence import checkpoint
+    from cadence.scheduler import set_momentum
 
     check_range(start, end, steps)
-    st = trainer.recipe.stages[stage]
-    saved = {"model": copy.deepcopy(trainer.model.state_dict()),
-             "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
-             "scaler": copy.deepcopy(trainer.scaler.state_dict()),
-             "scheduler": copy.deepcopy(trainer.scheduler.state_dict()), "rng": checkpoint.rng_state()}
-    result = RangeResult(stage, st.resolution, st.batch_size)
-    smoothed, best, epoch = 0.0, math.inf, 0
-    bar = tqdm(total=steps, disable=not progress, desc=f"range test, stage {stage} {st.resolution}px", unit="step")
+    saved = {"model": copy.deepcopy(parts.model.state_dict()),
+             "optimizer": copy.deepcopy(parts.optimizer.state_dict()),
+             "scaler": copy.deepcopy(parts.scaler.state_dict()), "rng": checkpoint.rng_state()}
+    lrs, losses, stopped = [], [], False
+    best, epoch = math.inf, 0
+    bar = tqdm(total=steps, disable=not progress, desc=desc, unit="step")
     try:
-        while len(result.lrs) < steps:
-            for x, y in trainer.loader(stage, epoch):
-                i = len(result.lrs)
+        while len(lrs) < steps and not stopped:
+            for x, y in batches(epoch):
+                i = len(lrs)
                 if i >= steps:
                     break
                 lr = lr_at(i, steps, start, end, mode)
-                for g in trainer.optimizer.param_groups:
+                for g in parts.optimizer.param_groups:
                     g["lr"] = lr
-                loss = trainer.reduce_mean(trainer.train_step(trainer.prep(x), y.to(trainer.device)))
-                value = float(loss)
-                result.lrs.append(lr)
-                result.losses.append(value)
+                if momentum is not None:
+                    set_momentum(parts.optimizer, momentum(i))
+                value = float(step(x, y))
+                lrs.append(lr)
+                losses.append(value)
                 bar.update(1)
-                smoothed = smooth(result.losses)[-1]
+                smoothed = smooth(losses)[-1]
                 best = min(best, smoothed)
                 if not math.isfinite(value) or (i > 5 and smoothed > diverge * best):
-                    result.stopped_early = True
+                    stopped = True
                     break
-            if result.stopped_early:
-                break
             epoch += 1
     finally:
         bar.close()
-        trainer.model.load_state_dict(saved["model"])
-        trainer.optimizer.load_state_dict(saved["optimizer"])
-        trainer.scaler.load_state_dict(saved["scaler"])
-        trainer.scheduler.load_state_dict(saved["scheduler"])
+        parts.model.load_state_dict(saved["model"])
+        parts.optimizer.load_state_dict(saved["optimizer"])
+        parts.scaler.load_state_dict(saved["scaler"])
         checkpoint.set_rng_state(saved["rng"])
-    finite = [(a, b) for a, b in zip(result.lrs, result.losses) if math.isfinite(b)]
+    return lrs, losses, stopped
+
+
+def range_test_stage(setup, parts, stage: int = 0, *, start: float = 1e-6, end: float = 10.0, steps: int = 200,
+                     mode: str = "exp", diverge: float = 4.0, progress: bool = False) -> RangeResult:
+    """The range test on ``stage`` of ``setup``'s recipe (its resolution, batch size and data), with the
+    training step of ``parts`` (precision, memory format, DDP; no EMA update) and, where the plan
+    cycles momentum, the momentum the plan sets at each of its first steps. The suggestion rules are
+    applied to the finite losses."""
+    from cadence import data, distributed
+    from cadence.plan import epoch_samples
+
+    r, t = setup.recipe, setup.timeline
+    st = r.stages[stage]
+    train_data = data.TrainData(setup.source, r.data, seed=r.seed, rank=setup.dist.rank, world=setup.dist.world,
+                                pin_memory=setup.device.type == "cuda")
+    n = epoch_samples(len(setup.source.train), st.data_fraction)
+
+    def step(x, y):
+        loss = parts.forward_backward(parts.normalize(x), y.to(parts.device))
+        parts.update(ema=False)
+        return distributed.mean_over_ranks(loss)
+
+    momentum = (lambda i: t.momentum[min(i, len(t) - 1)]) if t.cycles_momentum else None
+    lrs, losses, stopped = range_test(parts, lambda epoch: train_data.epoch(st, epoch, n), step, start=start, end=end,
+                                      steps=steps, mode=mode, diverge=diverge, momentum=momentum, progress=progress,
+                                      desc=f"range test, stage {stage} {st.resolution}px")
+    result = RangeResult(stage, st.resolution, st.batch_size, lrs, losses, stopped)
+    finite = [(a, b) for a, b in zip(lrs, losses) if math.isfinite(b)]
     try:
-        result.suggestions = suggest([a for a, _ in finite], [b for _, b in finite], diverged=result.stopped_early)
+        result.suggestions = suggest([a for a, _ in finite], [b for _, b in finite], diverged=stopped)
     except RangeTestError as e:
         result.error = str(e)
     return result
-
-
-def write_csv(results: list[RangeResult], path: str) -> None:
-    import csv
-
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["stage", "resolution", "batch_size", "step", "lr", "loss", "smoothed_loss"])
-        for res in results:
-            for i, (lr, loss, sm) in enumerate(zip(res.lrs, res.losses, res.smoothed)):
-                w.writerow([res.stage, res.resolution, res.batch_size, i, repr(lr), repr(loss), repr(sm)])
-
-
-def plot(results: list[RangeResult], path: str, title: str = "") -> None:
-    """Smoothed loss against LR (log axis), one curve per stage, the recommended LR marked."""
-    from cadence.report import plt
-
-    fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
-    for k, res in enumerate(results):
-        color = f"C{k}"
-        label = f"stage {res.stage}: {res.resolution}px, batch {res.batch_size}"
-        ax.plot(res.lrs, res.losses, color=color, alpha=0.2, linewidth=0.8)
-        ax.plot(res.lrs, res.smoothed, color=color, linewidth=1.6, label=label)
-        s = res.suggestions
-        if s is not None:
-            y = res.smoothed[min(range(len(res.lrs)), key=lambda i: abs(math.log(res.lrs[i] / s.recommended)))]
-            ax.plot([s.recommended], [y], "o", color=color, markersize=8)
-            ax.annotate(f"max_lr {s.recommended:.3g}", (s.recommended, y), xytext=(6, 6),
-                        textcoords="offset points", color=color, fontsize=9)
-            ax.axvline(s.steepest, color=color, linestyle=":", linewidth=0.8)
-            ax.axvline(s.edge, color=color, linestyle="--", linewidth=0.8)
-    finite = [v for res in results for v in res.smoothed if math.isfinite(v)]
-    if finite:
-        lo = min(finite)
-        first = max(res.smoothed[0] for res in results if res.smoothed)
-        ax.set_ylim(lo - 0.05 * abs(lo), max(first, lo) * 1.5)
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate (log scale)")
-    ax.set_ylabel("training loss (smoothed; raw faint)")
-    ax.set_title(title or "LR range test")
-    ax.text(0.01, 0.01, "dot: recommended max_lr; dashed: where the loss climbs away (10x the dot); "
-            "dotted: steepest descent", transform=ax.transAxes, fontsize=8, color="0.35")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -14,8 +14,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from cadence.lr_finder import smooth  # noqa: E402
+from cadence.files import write_text_atomic  # noqa: E402
 from cadence.plan import Timeline  # noqa: E402
+from cadence.rundir import RunDir, read_metrics  # noqa: E402
+from cadence.smoothing import smooth  # noqa: E402
 
 STAGE_COLOR = "0.55"
 
@@ -105,20 +107,6 @@ def plan_table(timeline: Timeline) -> str:
 # After training: curves and the HTML report
 
 
-def read_metrics(run_dir: str) -> list[dict]:
-    """The rows of a run's ``metrics.jsonl`` (a last line cut short by a kill is left out)."""
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        lines = [line for line in f if line.strip()]
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise
-    return rows
-
-
 def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
     """Training loss, held-out top-1 and LR against optimizer steps (left) and wall time (right),
     with stage boundaries dashed."""
@@ -169,11 +157,12 @@ def write_run_report(run_dir: str) -> str:
     """``curves.png`` and a self-contained ``report.html`` (plan, curves, final numbers, recipe)."""
     import yaml
 
-    rows = read_metrics(run_dir)
-    with open(os.path.join(run_dir, "recipe.yaml")) as f:
+    run = RunDir(run_dir)
+    rows = read_metrics(run)
+    with open(run.recipe) as f:
         recipe_text = f.read()
-    name = (yaml.safe_load(recipe_text) or {}).get("name", os.path.basename(run_dir))
-    plot_curves(rows, os.path.join(run_dir, "curves.png"), title=name)
+    name = (yaml.safe_load(recipe_text) or {}).get("name", os.path.basename(run.path))
+    plot_curves(rows, run.file("curves.png"), title=name)
     evals = [r for r in rows if "val_top1" in r]
     train = [r for r in rows if "val_top1" not in r]
     facts = []
@@ -195,14 +184,13 @@ def write_run_report(run_dir: str) -> str:
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}th{{text-align:left;padding-right:2em}}
 td{{padding-right:2em}}pre{{background:#f4f4f4;padding:1em}}</style></head><body>
 <h1>{html.escape(name)}</h1><table>{table}</table>
-<h2>Plan</h2>{_img_tag(os.path.join(run_dir, "plan.png"))}
-<h2>Training curves</h2>{_img_tag(os.path.join(run_dir, "curves.png"))}
+<h2>Plan</h2>{_img_tag(run.file("plan.png"))}
+<h2>Training curves</h2>{_img_tag(run.file("curves.png"))}
 <h2>Evaluations</h2><table><tr><th>step</th><th>stage</th><th>epoch</th><th>top-1 %</th><th>loss</th></tr>
 {evals_table}</table>
 <h2>Recipe</h2><pre>{html.escape(recipe_text)}</pre></body></html>"""
-    path = os.path.join(run_dir, "report.html")
-    with open(path, "w") as f:
-        f.write(page)
+    path = run.file("report.html")
+    write_text_atomic(page, path)
     return path
 
 
@@ -261,42 +249,6 @@ def plot_recipe_change(old: Timeline, done: int, new: Timeline, at: dict[str, in
     plt.close(fig)
 
 
-def summarize_runs(run_dirs: list[str], thresholds: tuple[float, ...] = ()) -> dict[str, dict]:
-    """Per recipe name (seeds grouped): final top-1 (mean, std, n, per seed), training time and, for each
-    threshold, the time to first reach it on the seeds' mean curve (top-1 and training time averaged
-    per evaluation; a recipe's seeds evaluate at the same steps), so a recipe reaches its own mean
-    final top-1 at the latest at its end. Seeds evaluated at different steps: the mean of each seed's
-    time to reach it, None if some seed never did."""
-    import statistics
-
-    groups: dict[str, list[list[dict]]] = {}
-    for d in run_dirs:
-        import yaml
-
-        with open(os.path.join(d, "recipe.yaml")) as f:
-            name = yaml.safe_load(f)["name"]
-        groups.setdefault(name, []).append(read_metrics(d))
-    out = {}
-    for name, runs in groups.items():
-        evals = [[r for r in rows if "val_top1" in r] for rows in runs]
-        top1 = [ev[-1]["val_top1"] for ev in evals]
-        times = [ev[-1]["time"] for ev in evals]
-        curve = None
-        if all([r["step"] for r in ev] == [r["step"] for r in evals[0]] for ev in evals):
-            curve = [(statistics.mean(r["time"] for r in at), statistics.mean(r["val_top1"] for r in at))
-                     for at in zip(*evals)]
-        reach = {}
-        for th in thresholds:
-            if curve is not None:
-                reach[th] = next((t for t, top1 in curve if top1 >= th), None)
-                continue
-            hits = [next((r["time"] for r in ev if r["val_top1"] >= th), None) for ev in evals]
-            reach[th] = None if None in hits else statistics.mean(hits)
-        out[name] = {"top1_mean": statistics.mean(top1), "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
-                     "n": len(top1), "time_mean": statistics.mean(times), "finals": top1, "reach": reach, "runs": runs}
-    return out
-
-
 def plot_runs_overlay(summary: dict[str, dict], path: str) -> None:
     """Held-out top-1 against training images seen and against training wall time, every seed drawn
     (images, not epochs: evaluations may fall mid-epoch, and budgets in a study are equal in images)."""
@@ -328,8 +280,7 @@ def write_summary_json(summary: dict[str, dict], path: str, baseline: tuple[str,
                             "ratios": {k: (None if s["reach"][target] is None
                                            else s["reach"][target] / summary[name]["time_mean"])
                                        for k, s in summary.items()}}
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
+    write_text_atomic(json.dumps(out, indent=1), path)
 
 
 def write_compare_html(summary: dict[str, dict], out_dir: str, thresholds: tuple[float, ...] = (),
@@ -366,6 +317,56 @@ def write_compare_html(summary: dict[str, dict], out_dir: str, thresholds: tuple
             f"</head><body><h1>Recipes compared</h1><table><tr><th>recipe</th><th>seeds</th>"
             f"<th>top-1 % (mean &plusmn; std)</th><th>time (s)</th>{head}</tr>{rows}</table>{verdict}{figs}</body></html>")
     path = os.path.join(out_dir, "compare.html")
-    with open(path, "w") as f:
-        f.write(page)
+    write_text_atomic(page, path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The LR range test's curve
+
+
+def write_range_csv(results: list, path: str) -> None:
+    """One row per range-test step of each ``RangeResult``: stage, resolution, batch, step, LR, loss,
+    smoothed loss."""
+    import io
+
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["stage", "resolution", "batch_size", "step", "lr", "loss", "smoothed_loss"])
+    for res in results:
+        for i, (lr, loss, sm) in enumerate(zip(res.lrs, res.losses, res.smoothed)):
+            w.writerow([res.stage, res.resolution, res.batch_size, i, repr(lr), repr(loss), repr(sm)])
+    write_text_atomic(buf.getvalue(), path)
+
+
+def plot_range_test(results: list, path: str, title: str = "") -> None:
+    """Smoothed loss against LR (log axis), one curve per stage, the recommended LR marked."""
+    fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
+    for k, res in enumerate(results):
+        color = f"C{k}"
+        label = f"stage {res.stage}: {res.resolution}px, batch {res.batch_size}"
+        ax.plot(res.lrs, res.losses, color=color, alpha=0.2, linewidth=0.8)
+        ax.plot(res.lrs, res.smoothed, color=color, linewidth=1.6, label=label)
+        s = res.suggestions
+        if s is not None:
+            y = res.smoothed[min(range(len(res.lrs)), key=lambda i: abs(math.log(res.lrs[i] / s.recommended)))]
+            ax.plot([s.recommended], [y], "o", color=color, markersize=8)
+            ax.annotate(f"max_lr {s.recommended:.3g}", (s.recommended, y), xytext=(6, 6),
+                        textcoords="offset points", color=color, fontsize=9)
+            ax.axvline(s.steepest, color=color, linestyle=":", linewidth=0.8)
+            ax.axvline(s.edge, color=color, linestyle="--", linewidth=0.8)
+    finite = [v for res in results for v in res.smoothed if math.isfinite(v)]
+    if finite:
+        lo = min(finite)
+        first = max(res.smoothed[0] for res in results if res.smoothed)
+        ax.set_ylim(lo - 0.05 * abs(lo), max(first, lo) * 1.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("training loss (smoothed; raw faint)")
+    ax.set_title(title or "LR range test")
+    ax.text(0.01, 0.01, "dot: recommended max_lr; dashed: where the loss climbs away (10x the dot); "
+            "dotted: steepest descent", transform=ax.transAxes, fontsize=8, color="0.35")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,41 @@
+"""Held-out evaluation as a function of parts and a source: used by the trainer, ``cadence eval``
+and the benchmarks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cadence import data, distributed
+from cadence.parts import Parts
+
+
+@torch.no_grad()
+def evaluate(parts: Parts, source: data.Source, resolution: int, *, batch_size: int = 256, tta: str = "none",
+             workers: int = 0, rank: int = 0, world: int = 1) -> dict:
+    """Held-out loss, top-1 and (with more than 5 classes) top-5 of ``parts.eval_model`` at
+    ``resolution`` px, over every rank's share (summed across ranks). ``tta='flip'``: the logits of
+    each image and its mirror are averaged."""
+    model = parts.eval_model
+    model.eval()
+    total, loss_sum, correct1, correct5 = 0, 0.0, 0, 0
+    k = min(5, source.num_classes)
+    for x, y in data.eval_loader(source, resolution, batch_size, workers, rank=rank, world=world):
+        y = y.to(parts.device)
+        with parts.autocast:
+            x = parts.normalize(x)
+            logits = model(x)
+            if tta == "flip":
+                logits = (logits.float() + model(x.flip(3)).float()) / 2
+        loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
+        top = logits.topk(k, dim=1).indices
+        correct1 += (top[:, 0] == y).sum().item()
+        correct5 += (top == y[:, None]).any(dim=1).sum().item()
+        total += len(y)
+    sums = distributed.all_reduce_sum(torch.tensor([loss_sum, correct1, correct5, total], dtype=torch.float64,
+                                                   device=parts.device))
+    loss_sum, correct1, correct5, total = sums.tolist()
+    out = {"val_loss": loss_sum / total, "val_top1": correct1 / total, "resolution": resolution}
+    if source.num_classes > 5:
+        out["val_top5"] = correct5 / total
+    return out

@@ -1,0 +1,188 @@
+"""What any training loop needs, built from a recipe: the trainer, the LR range test and the
+benchmarks all start here.
+
+``build_setup(recipe)`` checks the recipe against the data and the machine (bad input raises
+FieldError before a single file is written); ``build_parts(setup)`` builds model, EMA, optimizer,
+scheduler, grad scaler, autocast, loss and input normalisation. ``Parts.forward_backward`` and
+``Parts.update`` are one optimizer step, split where the trainer's non-finite guard looks at the loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from cadence import data, distributed, models
+from cadence.errors import FieldError
+from cadence.plan import Timeline
+from cadence.recipe import Recipe
+from cadence.scheduler import StepScheduler
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FieldError("train.device", name, "no CUDA device is available here")
+    return torch.device(name)
+
+
+@functools.cache  # once per process
+def keep_freed_memory() -> bool:
+    """On glibc, serve large blocks from the heap and keep freed memory mapped (mallopt: no mmap, trim
+    only above 1 GiB). A CPU training step allocates and frees activations of tens of MB; glibc maps
+    each fresh from the kernel (above 32 MB it always does) and unmaps it when freed, so every step
+    page-faults its activations in again (benchmarks/allocator.py measures the cost). The price:
+    resident memory stays at its peak. Where the heap cannot grow, glibc still falls back to mmap.
+    False where it does not apply (not glibc)."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+
+
+@dataclass
+class Setup:
+    """Everything built from a recipe before a single file is written (so bad input leaves nothing)."""
+
+    recipe: Recipe
+    source: data.Source
+    timeline: Timeline
+    device: torch.device
+    lr_find: object | None = None  # the range test's RangeResult, when optimizer.lr was auto
+    dist: distributed.Dist = distributed.Dist()
+
+    def with_recipe(self, recipe: Recipe, **changes) -> Setup:
+        """This setup for ``recipe`` (e.g. with the LR a range test chose): its timeline rebuilt."""
+        timeline = recipe.timeline(train_samples=len(self.source.train), world_size=self.dist.world)
+        return dataclasses.replace(self, recipe=recipe, timeline=timeline, **changes)
+
+
+def build_setup(recipe: Recipe, recipe_file: str | None = None) -> Setup:
+    """Check the recipe against the data and the machine; raises FieldError (file named)."""
+    try:
+        models.check_arch(recipe.model)
+        device = pick_device(recipe.train.device)
+        source = data.load_source(recipe.data, recipe.seed)
+        if recipe.model.num_classes is not None and recipe.model.num_classes != source.num_classes:
+            raise FieldError("model.num_classes", recipe.model.num_classes,
+                             f"but the data has {source.num_classes} classes")
+        if recipe.model.whiten and source.native_size is None:
+            raise FieldError("model.whiten", True, "is set from in-memory images (cifar10, synthetic, digits), "
+                             f"not from {recipe.data.source} files")
+        if recipe.train.tta == "flip" and not source.flip:
+            raise FieldError("train.tta", "flip", f"but {recipe.data.source} images are never flipped in "
+                             "training (mirrored digits are not digits)")
+        world = distributed.from_env().world
+        timeline = recipe.timeline(train_samples=len(source.train), world_size=world)
+    except FieldError as e:
+        raise e.within(file=recipe_file) from None
+    place, device = distributed.init(device)
+    if device.type == "cpu":
+        keep_freed_memory()
+    return Setup(recipe, source, timeline, device, dist=place)
+
+
+@dataclass
+class Parts:
+    """A model and everything that trains it, for one process. ``forward`` is what a training step
+    calls (the model, wrapped in DDP and/or compiled); ``model`` is the bare module (state dicts)."""
+
+    model: nn.Module
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    ema: nn.Module | None  # torch's AveragedModel (parameters and BatchNorm statistics); evaluation uses it
+    optimizer: torch.optim.Optimizer
+    scheduler: StepScheduler
+    scaler: torch.amp.GradScaler
+    autocast: torch.autocast
+    criterion: nn.Module
+    normalize: Callable[[torch.Tensor], torch.Tensor]  # uint8 batch -> normalised float on the device
+    device: torch.device
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights evaluation uses: the EMA's when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def load_weights(self, state: dict) -> None:
+        """Model (and EMA) weights from a checkpoint's state. A checkpoint without an EMA (switched on
+        at a resume) starts the average from the weights as they are."""
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            if state.get("ema"):
+                self.ema.load_state_dict(state["ema"])
+            else:
+                self.ema.module.load_state_dict(state["model"])
+                self.ema.n_averaged.zero_()
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Loss of a normalised batch, gradients (scaled under fp16) in ``.grad``; returns the loss."""
+        self.model.train()
+        with self.autocast:
+            loss = self.criterion(self.forward(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        return loss.detach()
+
+    def update(self, ema: bool = True) -> None:
+        """The optimizer step on the gradients (through the grad scaler), then the EMA's."""
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if ema and self.ema is not None:
+            self.ema.update_parameters(self.model)
+
+    def with_lr(self, recipe: Recipe, timeline: Timeline) -> Parts:
+        """These parts with the optimizer and scheduler of ``recipe``/``timeline`` (e.g. once
+        ``optimizer.lr: auto`` has been resolved); model, EMA and wrappers are kept as they are."""
+        optimizer = models.build_optimizer(self.model, recipe.optimizer)
+        return dataclasses.replace(self, optimizer=optimizer, scheduler=StepScheduler(optimizer, timeline))
+
+
+def build_parts(setup: Setup) -> Parts:
+    """Seed with the recipe's seed (the same initial weights on every rank), then build everything."""
+    r, dev = setup.recipe, setup.device
+    torch.manual_seed(r.seed)
+    model = models.build_model(r.model, setup.source.num_classes, setup.source.channels)
+    if r.train.sync_bn and setup.dist.active:
+        model = (nn.SyncBatchNorm.convert_sync_batchnorm(model) if dev.type == "cuda"
+                 else distributed.convert_sync_batchnorm(model))
+    if r.model.whiten:
+        model.init_whitening(whitening_sample(setup))
+    model = model.to(dev, memory_format=torch.channels_last if r.train.channels_last else torch.contiguous_format)
+    optimizer = models.build_optimizer(model, r.optimizer)
+    ema = None
+    if r.train.ema is not None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(r.train.ema), use_buffers=True)
+    scheduler = StepScheduler(optimizer, setup.timeline)
+    scaler = torch.amp.GradScaler(dev.type, enabled=r.train.precision == "fp16")
+    autocast = torch.autocast(dev.type, dtype=DTYPES[r.train.precision], enabled=r.train.precision != "fp32")
+    criterion = nn.CrossEntropyLoss(label_smoothing=r.train.label_smoothing)
+    wrapped = model
+    if setup.dist.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
+    forward = torch.compile(wrapped) if r.train.compile else wrapped
+    normalize = data.normalizer(setup.source, dev, r.train.channels_last)
+    return Parts(model, forward, ema, optimizer, scheduler, scaler, autocast, criterion, normalize, dev)
+
+
+def whitening_sample(setup: Setup, n: int = 5000) -> torch.Tensor:
+    """Up to ``n`` training images (drawn from the seed), at stage 0's resolution, normalised."""
+    train_set = setup.source.train
+    pick = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(setup.recipe.seed))[:n]
+    images = data.resize_batch(train_set.images[pick], setup.recipe.stages[0].resolution)
+    return data.normalizer(setup.source, torch.device("cpu"))(images)

@@ -1,0 +1,173 @@
+"""The run folder: the one place that knows its layout, and the metrics log written into it.
+
+::
+
+    RUN/recipe.yaml            the resolved recipe (with overrides); recipe.prev-N.yaml after a change
+    RUN/metrics.jsonl          one JSON object per logged step or evaluation
+    RUN/checkpoints/last.pt    written atomically (cadence.files)
+    RUN/plan.png, curves.png, report.html, recipe_change.png, lr_find.csv, lr_find.png
+    RUN/bad_images.txt         unreadable files met, one per line (path, tab, reason)
+    RUN/tensorboard/           TensorBoard events
+
+Torch-free (TensorBoard's writer is imported when a log is opened).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from cadence import files
+
+
+class RunDir:
+    """Paths into one run folder, and the few things done to it as a whole."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+
+    def __str__(self) -> str:
+        return self.path
+
+    def __fspath__(self) -> str:
+        return self.path
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    @property
+    def recipe(self) -> str:
+        return self.file("recipe.yaml")
+
+    @property
+    def metrics(self) -> str:
+        return self.file("metrics.jsonl")
+
+    @property
+    def checkpoints(self) -> str:
+        return self.file("checkpoints")
+
+    @property
+    def last(self) -> str:
+        return os.path.join(self.checkpoints, "last.pt")
+
+    @property
+    def tensorboard(self) -> str:
+        return self.file("tensorboard")
+
+    def has_checkpoint(self) -> bool:
+        return os.path.exists(self.last)
+
+    def has_recipe(self) -> bool:
+        return os.path.exists(self.recipe)
+
+    def make(self) -> None:
+        os.makedirs(self.checkpoints, exist_ok=True)
+
+    def cannot_create(self) -> str | None:
+        """Why this folder could not be made (its nearest existing ancestor is not a writable
+        folder), or None; nothing is created."""
+        parent = os.path.abspath(self.path)
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            return f"{parent} is not a folder"
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return f"{parent} is not writable"
+        return None
+
+    def remove_partial(self) -> None:
+        """What a kill during a write left behind (``.tmp-*`` files, never complete ones)."""
+        files.remove_partial(self.checkpoints)
+        files.remove_partial(self.path)
+
+    def next_prev_recipe(self) -> str:
+        """``recipe.prev-N.yaml`` for the first N not yet taken (where a changed recipe's old one goes)."""
+        n = 1
+        while os.path.exists(self.file(f"recipe.prev-{n}.yaml")):
+            n += 1
+        return self.file(f"recipe.prev-{n}.yaml")
+
+    def note_bad(self, new: list[tuple[str, str]]) -> None:
+        """Append unreadable files to ``bad_images.txt`` (tab-separated path and reason)."""
+        if new and os.path.isdir(self.path):
+            with open(self.file("bad_images.txt"), "a") as f:
+                f.writelines(f"{path}\t{reason}\n" for path, reason in new)
+
+    @staticmethod
+    def default(name: str, root: str = "runs") -> RunDir:
+        """``runs/<name>-<time>`` (``-2``, ``-3``... if taken)."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = os.path.join(root, f"{name}-{stamp}")
+        n = 1
+        while os.path.exists(path):
+            n += 1
+            path = os.path.join(root, f"{name}-{stamp}-{n}")
+        return RunDir(path)
+
+
+def read_metrics(run_dir: str | RunDir) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl`` (a last line cut short by a kill is left out)."""
+    with open(RunDir(run_dir).metrics) as f:
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return rows
+
+
+def finished(run_dir: str | RunDir, steps: int) -> bool:
+    """True if the run evaluated after its last step ``steps`` (it trained to the end)."""
+    return any("val_top1" in r and r["step"] == steps for r in read_metrics(run_dir))
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one JSON object per row) and TensorBoard scalars. Resuming at
+    ``resume_step`` drops the rows past that checkpoint (all of them at step 0)."""
+
+    def __init__(self, run_dir: str | RunDir, resume_step: int = 0):
+        run = RunDir(run_dir)
+        self.path = run.metrics
+        keep = []
+        if os.path.exists(self.path):
+            keep = [r for r in read_metrics(run)
+                    if r["step"] < resume_step or ("val_top1" in r and r["step"] <= resume_step)]
+            files.write_text_atomic("".join(json.dumps(r) + "\n" for r in keep), self.path)
+        # line-buffered: tail -f works, a kill loses nothing; at step 0 nothing before counts (a run
+        # killed before its first checkpoint starts over)
+        self.file = open(self.path, "a" if resume_step else "w", buffering=1)
+        from torch.utils.tensorboard import SummaryWriter
+
+        # TensorBoard's own mechanism: readers drop the earlier files' events from resume_step on (all, at 0)
+        self.tb = SummaryWriter(run.tensorboard, purge_step=resume_step)
+        for row in keep:  # the purge hides the evaluation the checkpoint ended on: log it again
+            if row["step"] == resume_step:
+                self._scalars(row)
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self._scalars(row)
+
+    def _scalars(self, row: dict) -> None:
+        for key in ("loss", "lr", "momentum", "val_top1", "val_top5", "val_loss"):
+            if key in row:
+                self.tb.add_scalar(key if key.startswith("val") else f"train/{key}", row[key], row["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        self.tb.close()
+
+
+class NullLog:
+    """What ranks other than 0 log: nothing."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
