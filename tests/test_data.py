@@ -44,8 +44,8 @@ def image_folder(root, classes: int = 3, per_class: int = 6, size=(48, 36), fmt=
 
 def test_vectorised_keys_match_the_scalar_hash_and_split_over_ranks():
     pos = np.arange(1000)
-    assert [data._mix(7, 3, int(p)) for p in pos[:50]] == data.mix(7, 3, pos[:50]).tolist()
-    assert data._mix(-1, 2) == int(data.mix(-1, 2))  # negative seeds wrap like the scalar version
+    assert [data.key(7, 3, int(p)) for p in pos[:50]] == data.mix(7, 3, pos[:50]).tolist()
+    assert data.key(-1, 2) == int(data.mix(-1, 2))  # negative seeds wrap like the scalar version
     one = data.EpochSampler(100, 80, seed=5, epoch=2)
     ranks = [data.EpochSampler(100, 80, seed=5, epoch=2, rank=r, world=4) for r in range(4)]
     assert sorted(item for s in ranks for item in s) == sorted(one)  # same images, same keys
@@ -126,7 +126,7 @@ def test_file_loader_keeps_its_workers_across_stages(tmp_path):
     """One DataLoader for the run: its worker processes survive an epoch and a resolution change."""
     root = image_folder(tmp_path / "train")
     cfg = DataConfig(source="imagefolder", root=str(tmp_path), num_workers=1)
-    items, _ = data._image_folder_paths(str(root), "data.root")
+    items, _ = data.image_folder_paths(str(root), "data.root")
     source = data.Source(data.FileImages(items), data.FileImages(items), 3, 3, (0.5,) * 3, (0.5,) * 3, None)
     td = data.TrainData(source, cfg, seed=0)
     shapes, pids = [], []
@@ -152,7 +152,7 @@ def test_cache_is_reused_for_the_same_files_and_rebuilt_when_they_change(tmp_pat
     def no_decoding(*a, **k):
         raise AssertionError("decoded again although the files did not change")
 
-    monkeypatch.setattr(data, "_decode_all", no_decoding)
+    monkeypatch.setattr(data.sources, "_decode_all", no_decoding)
     again = data.load_source(cfg)
     assert torch.equal(again.train.images, first.train.images) and torch.equal(again.train.labels, first.train.labels)
     monkeypatch.undo()
@@ -161,7 +161,7 @@ def test_cache_is_reused_for_the_same_files_and_rebuilt_when_they_change(tmp_pat
     photo(999, 32, 32).save(changed, quality=90)  # same name, same size on disk or not: new bytes
     rebuilt = data.load_source(cfg)
     assert len(os.listdir(tmp_path / "cache" / "decoded")) == 3
-    i = [p for p, _ in data._image_folder_paths(str(tmp_path / "c10" / "train"), "x")[0]].index(str(changed))
+    i = [p for p, _ in data.image_folder_paths(str(tmp_path / "c10" / "train"), "x")[0]].index(str(changed))
     assert not torch.equal(rebuilt.train.images[i], first.train.images[i])
     with Image.open(changed) as im:
         assert torch.equal(rebuilt.train.images[i], torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1))

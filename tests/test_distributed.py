@@ -116,7 +116,7 @@ def test_a_rank_whose_whole_batch_is_unreadable_does_not_hang_the_others(tmp_pat
     image_folder(tmp_path / "d" / "train", classes=2, per_class=1, size=(20, 20))
     for i in range(10):
         (tmp_path / "d" / "train" / f"c{i % 2}" / f"bad{i}.jpg").write_text("not an image\n")
-    paths = [p for p, _ in data._image_folder_paths(str(tmp_path / "d" / "train"), "x")[0]]
+    paths = [p for p, _ in data.image_folder_paths(str(tmp_path / "d" / "train"), "x")[0]]
     seed = 0
     lone = []  # (epoch, step) where exactly one rank has nothing readable
     for epoch in range(2):

@@ -21,7 +21,7 @@ from multiprocessing import get_context
 
 from tqdm import tqdm
 
-from cadence.data import BAD_IMAGE_ERRORS, PREPARED_MANIFEST, SHORT_SIDE_PER_PX, _bad_reason, _image_folder_paths
+from cadence.data import BAD_IMAGE_ERRORS, PREPARED_MANIFEST, SHORT_SIDE_PER_PX, bad_reason, image_folder_paths
 from cadence.errors import FieldError
 from cadence.recipe import Recipe, usable_cores
 
@@ -58,7 +58,7 @@ def _copy_one(job: tuple[str, list[tuple[str, int]], int]) -> tuple[str, str, st
                 os.replace(tmp, dst)
         return "done", src, None
     except BAD_IMAGE_ERRORS as e:
-        return "bad", src, _bad_reason(e)
+        return "bad", src, bad_reason(e)
 
 
 def _check_params(folder: str, params: dict) -> dict | None:
@@ -98,7 +98,7 @@ def prepare_copy(recipe: Recipe, out: str, *, short_sides: list[int] | None = No
     if not todo:
         return [{**done[side], "already": True} for side in sides]
     bad: list = []
-    items, classes = _image_folder_paths(src_root, "data.root", cfg.on_bad_image, bad)
+    items, classes = image_folder_paths(src_root, "data.root", cfg.on_bad_image, bad)
     for side in todo:
         for c in classes:  # empty classes keep their folder, so class indices match the originals
             os.makedirs(os.path.join(folders[side], "train", c), exist_ok=True)

@@ -1,0 +1,193 @@
+"""Loaders: each epoch's training batches for one rank (in-memory sources augmented a batch at a time,
+image files through one persistent DataLoader) and the held-out batches."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from cadence.data.augment import augment_batch, decode_crop, eval_transform, resize_batch
+from cadence.data.keys import EpochSampler
+from cadence.data.sources import BAD_IMAGE_ERRORS, Source, bad_reason, pick_copy
+from cadence.errors import FieldError
+from cadence.plan import Stage
+from cadence.recipe import DataConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# In-memory small images: whole batches augmented as tensor operations
+
+
+class MemoryLoader:
+    """Batches of an in-memory source for one rank, augmented a batch at a time (vectorised), each
+    image by its own key, so resuming mid-epoch or changing the world size changes nothing."""
+
+    def __init__(self, source: Source, resolution: int, sampler: EpochSampler, local_batch: int, drop_last: bool):
+        self.source, self.resolution, self.sampler = source, resolution, sampler
+        self.local, self.drop_last = local_batch, drop_last
+
+    def __iter__(self):
+        data_ = self.source.train
+        indices, keys = self.sampler.keyed()
+        for b in range(0, len(indices), self.local):
+            idx = indices[b: b + self.local]
+            if len(idx) < self.local and self.drop_last:
+                return
+            x = augment_batch(data_.images[idx], keys[b: b + self.local], native=self.source.native_size,
+                              flip=self.source.flip, resolution=self.resolution)
+            yield x, data_.labels[idx]
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.local if self.drop_last else -(-n // self.local)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image files: the crop is drawn before decoding, and the JPEG decoded only as large as it needs
+
+
+class CropDecode(Dataset):
+    """``dataset[(index, key, resolution, copy)]`` -> ``(HWC uint8 or None, label, bad)``. The
+    resolution (and which prepared copy to read) travels with each item, so one set of persistent
+    workers serves every stage. ``roots[copy]`` replaces ``roots[0]`` at the start of each path."""
+
+    def __init__(self, items: list[tuple[str, int]], flip: bool = True, roots: list[str] | None = None):
+        self.items, self.flip, self.roots = items, flip, roots or [""]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, item):
+        index, key, resolution, copy = item
+        path, label = self.items[index]
+        if copy:
+            path = self.roots[copy] + path[len(self.roots[0]):]
+        try:
+            return decode_crop(path, key, resolution, flip=self.flip), label, None
+        except BAD_IMAGE_ERRORS as e:
+            return None, label, (path, bad_reason(e))
+
+
+def collate_good(batch):
+    """Stack the readable images (NCHW uint8); report the unreadable ones."""
+    good = [(x, y) for x, y, bad in batch if bad is None]
+    bad = [b for _, _, b in batch if b is not None]
+    if not good:
+        return torch.empty(0, 3, 1, 1, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), bad
+    return torch.stack([x for x, _ in good]).permute(0, 3, 1, 2), torch.tensor([y for _, y in good]), bad
+
+
+class _Batches(Sampler):
+    """The batch sampler of the persistent DataLoader, re-pointed at each epoch."""
+
+    def __init__(self):
+        self.batches: list[list[tuple[int, int, int]]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class FileLoader:
+    """The training batches of a folder of image files, one DataLoader for the whole run: worker
+    processes persist across epochs and stages (a stage change only changes the size each item
+    asks for). Unreadable files are skipped and handed to ``on_bad``."""
+
+    def __init__(self, source: Source, *, num_workers: int, pin_memory: bool = False, on_bad=None):
+        self.batches, self.on_bad = _Batches(), on_bad
+        roots = [root for _, root in source.copies]
+        self.loader = DataLoader(CropDecode(source.train.items, source.flip, roots), batch_sampler=self.batches,
+                                 num_workers=num_workers, collate_fn=collate_good, pin_memory=pin_memory,
+                                 persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None)
+
+    def epoch(self, sampler: EpochSampler, resolution: int, local_batch: int, drop_last: bool, copy: int = 0):
+        indices, keys = sampler.keyed()
+        items = [(i, k, resolution, copy) for i, k in zip(indices.tolist(), keys.tolist())]
+        self.batches.batches = [items[b: b + local_batch] for b in range(0, len(items), local_batch)
+                                if not drop_last or b + local_batch <= len(items)]
+        return _Epoch(self)
+
+
+class _Epoch:
+    def __init__(self, owner: FileLoader):
+        self.owner = owner
+
+    def __len__(self) -> int:
+        return len(self.owner.batches)
+
+    def __iter__(self):
+        for x, y, bad in self.owner.loader:
+            if bad and self.owner.on_bad is not None:
+                self.owner.on_bad(bad)
+            yield x, y
+
+
+class TrainData:
+    """Every epoch's batches for one rank, built once per run: in-memory sources are augmented in
+    batches, file sources go through one persistent DataLoader."""
+
+    def __init__(self, source: Source, cfg: DataConfig, *, seed: int, rank: int = 0, world: int = 1,
+                 pin_memory: bool = False, on_bad=None):
+        self.source, self.cfg, self.seed, self.rank, self.world = source, cfg, seed, rank, world
+        self.pin_memory, self.on_bad = pin_memory, on_bad
+        self._files: FileLoader | None = None
+
+    def epoch(self, stage: Stage, epoch: int, epoch_samples: int, skip_batches: int = 0):
+        """The batches of global ``epoch`` (at ``stage``) for this rank, after ``skip_batches``."""
+        local = stage.batch_size // self.world
+        sampler = EpochSampler(len(self.source.train), epoch_samples, seed=self.seed, epoch=epoch, rank=self.rank,
+                               world=self.world, drop_last=self.cfg.drop_last, start=skip_batches * local)
+        if self.source.native_size is not None:
+            return MemoryLoader(self.source, stage.resolution, sampler, local, self.cfg.drop_last)
+        if self._files is None:
+            self._files = FileLoader(self.source, num_workers=self.cfg.workers(), pin_memory=self.pin_memory,
+                                     on_bad=self._bad)
+        return self._files.epoch(sampler, stage.resolution, local, self.cfg.drop_last,
+                                 pick_copy(self.source.copies, stage.resolution))
+
+    def _bad(self, bad: list) -> None:
+        if self.cfg.on_bad_image == "error":
+            path, reason = bad[0]
+            raise FieldError("data.root", path, f"unreadable image ({reason}); "
+                             "data.on_bad_image: skip would skip it")
+        if self.on_bad is not None:
+            self.on_bad(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+class EvalDecode(Dataset):
+    """``dataset[i]`` -> ``(CHW uint8 or None, label, bad)``: full decode, resize, centre crop."""
+
+    def __init__(self, items: list[tuple[str, int]], transform):
+        self.items, self.transform = items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        path, label = self.items[i]
+        try:
+            with Image.open(path) as im:
+                return self.transform(im.convert("RGB")).permute(1, 2, 0), label, None
+        except BAD_IMAGE_ERRORS as e:
+            return None, label, (path, bad_reason(e))
+
+
+def eval_loader(source: Source, resolution: int, batch_size: int, num_workers: int = 0,
+                rank: int = 0, world: int = 1):
+    """This rank's share of the held-out set, resized (in memory) or resized + centre-cropped
+    (unreadable files skipped: they were listed when training met them, or at load)."""
+    indices = list(range(rank, len(source.val), world))
+    if source.native_size is not None:
+        images, labels = source.val.images, source.val.labels
+        return [(resize_batch(images[indices[b: b + batch_size]], resolution), labels[indices[b: b + batch_size]])
+                for b in range(0, len(indices), batch_size)]
+    ds = EvalDecode([source.val.items[i] for i in indices], eval_transform(source, resolution))
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_good)
+    return ((x, y) for x, y, _ in loader if len(y))
