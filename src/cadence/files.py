@@ -17,19 +17,22 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # (read once: files written atomically get the usual 0o666 & ~umask, not mkstemp's 0o600)
 
 
-def write_atomic(path: str, write: Callable[[BinaryIO], object], *, durable: bool = True) -> None:
+def write_atomic(path: str, write: Callable[[BinaryIO], object], *, durable: bool = True,
+                 suffix: str | None = None) -> None:
     """Call ``write(f)`` on a temporary file in ``path``'s folder, then rename it over ``path``.
 
     ``durable``: fsync the file before the rename and the folder after it, so that after a power cut
     the previous file stays until the new one is complete on disk. Without it (``cadence prepare``'s
     image copies, synced once with ``os.sync()`` before their manifest) a crash still never exposes
     half a file under ``path``. A failed write (disk full, no permission) raises ``OSError`` naming
-    ``path``, with the previous file untouched and no temporary file left."""
+    ``path``, with the previous file untouched and no temporary file left. ``suffix``: the temporary
+    file's (default: ``path``'s extension; ``cadence prepare`` uses one no image loader lists)."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=os.path.splitext(path)[1], dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=os.path.splitext(path)[1] if suffix is None else suffix,
+                                   dir=folder)
         os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -6,8 +6,9 @@ each copy caps every training image's shorter side -- by default one copy per st
 R x 256/224 (the ratio of torchvision's evaluation resize), and each stage reads the smallest copy
 that covers it -- so every later epoch decodes several times fewer pixels.
 Only ``train/`` is copied: evaluation still reads the originals. The copy is written file by file
-(temporary name, then rename), so an interrupted run resumes where it stopped; ``prepared.json``
-is written last and marks it complete.
+(``cadence.files.write_atomic``: temporary name, then rename; not fsynced one by one), so an
+interrupted run resumes where it stopped; once every file is written the whole file system is
+synced, and ``prepared.json`` is written last (durably) and marks the copy complete.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from multiprocessing import get_context
 
 from tqdm import tqdm
 
+from cadence import files
 from cadence.data import BAD_IMAGE_ERRORS, PREPARED_MANIFEST, SHORT_SIDE_PER_PX, bad_reason, image_folder_paths
 from cadence.errors import FieldError
 from cadence.recipe import Recipe, usable_cores
@@ -52,10 +54,8 @@ def _copy_one(job: tuple[str, list[tuple[str, int]], int]) -> tuple[str, str, st
                 scale = side / min(w, h)
                 out = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS) \
                     if scale < 1 else im
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                tmp = f"{dst}.tmp-{os.getpid()}"
-                out.save(tmp, format="JPEG", quality=quality)
-                os.replace(tmp, dst)
+                files.write_atomic(dst, lambda f: out.save(f, format="JPEG", quality=quality), durable=False,
+                                   suffix=".part")
         return "done", src, None
     except BAD_IMAGE_ERRORS as e:
         return "bad", src, bad_reason(e)
@@ -102,8 +102,7 @@ def prepare_copy(recipe: Recipe, out: str, *, short_sides: list[int] | None = No
     for side in todo:
         for c in classes:  # empty classes keep their folder, so class indices match the originals
             os.makedirs(os.path.join(folders[side], "train", c), exist_ok=True)
-        with open(os.path.join(folders[side], PARAMS), "w") as f:
-            json.dump(params[side], f)
+        files.write_text_atomic(json.dumps(params[side]), os.path.join(folders[side], PARAMS))
     jobs = [(p, [(os.path.join(folders[side], "train", os.path.relpath(p, src_root)), side) for side in todo],
              quality) for p, _ in items]
     n = workers or usable_cores()
@@ -121,14 +120,12 @@ def prepare_copy(recipe: Recipe, out: str, *, short_sides: list[int] | None = No
                                      "data.on_bad_image: skip would skip it")
                 bad.append((src, reason))
     seconds = round(time.perf_counter() - start, 3)
+    os.sync()  # every image of the copies on disk before a manifest says one is complete
     for side in todo:
         manifest = {**params[side], "classes": len(classes), "images": counts["done"] + counts["kept"],
                     "written": counts["done"], "kept": counts["kept"], "bad": [list(b) for b in bad],
                     "seconds": seconds, "workers": n}
-        tmp = os.path.join(folders[side], PREPARED_MANIFEST + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1)
-        os.replace(tmp, os.path.join(folders[side], PREPARED_MANIFEST))
+        files.write_text_atomic(json.dumps(manifest, indent=1), os.path.join(folders[side], PREPARED_MANIFEST))
         os.unlink(os.path.join(folders[side], PARAMS))
         done[side] = manifest
     return [done[side] if side in todo else {**done[side], "already": True} for side in sides]
