@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # torch from this machine's disk (pip caps it at 2.14.1 here); any torch >= 2.4 works elsewhere.
 TORCH  ?= 'torch>=2.4,<=2.14.1' 'torchvision>=0.19,<=0.29.1'
 
-.PHONY: install demo plan test clean
+.PHONY: install demo plan test quick clean
 
 $(BIN)/cadence: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,10 @@ plan: install
 	$(BIN)/cadence plan recipes/imagenet-resnet50-progressive.yaml --plot plan.png --csv plan.csv
 
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
+
+quick: install
+	$(BIN)/python -m pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache build src/*.egg-info

@@ -21,3 +21,15 @@ def test_docs_recipes_lists_every_key():
                       for k in re.findall(r"`(\w+)`", row)}
         fields = {f.name for f in dataclasses.fields(cls)} - (SCHEDULE_KEYS if name == "optimizer" else set())
         assert documented == fields, (name, fields ^ documented)
+
+
+def test_readme_lists_the_resume_safe_fields_of_changes():
+    """The README's `model` and `free` lists on resume are changes.MODEL and changes.FREE."""
+    from cadence import changes
+
+    text = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
+    model = re.search(r"`model` \((.*?)\) is refused", text).group(1)
+    free = re.search(r"`free` \((.*?)\) is accepted", text).group(1)
+    names = lambda listed: {n.removesuffix(".*") for n in re.findall(r"`([\w.*]+)`", listed)}  # noqa: E731
+    assert names(model) == set(changes.MODEL)
+    assert names(free) == set(changes.FREE)

@@ -76,11 +76,6 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 class SyncBatchNorm(nn.BatchNorm2d):
     """BatchNorm over the global batch, on any device (torch's SyncBatchNorm wants a GPU).
 

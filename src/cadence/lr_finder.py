@@ -61,8 +61,8 @@ def divergence_edge(lrs: list[float], losses: list[float], rise: float = 0.25) -
 
     Unlike the minimum, this edge stays put from seed to seed. On a long, bumpy floor (label
     smoothing, batch norm) the lowest point wanders by decades, and so did every rule read from it
-    (minimum/10, or the LR by which 90% of the fall is done: 0.0145 to 0.74 over three seeds of the
-    schedule study's CIFAR-10 curve, whose edge sat at 2.35-3.96)."""
+    (minimum/10, or the LR by which 90% of the fall is done; benchmarks/RESULTS.md has the seeds of the
+    schedule study's CIFAR-10 curve where it did, and where the edge sat)."""
     best = min(range(len(losses)), key=losses.__getitem__)
     level = losses[best] + rise * (losses[0] - losses[best])
     return max(i for i in range(len(losses)) if losses[i] <= level)

@@ -74,7 +74,7 @@ def build_setup(recipe: Recipe, recipe_file: str | None = None) -> Setup:
     try:
         models.check_arch(recipe.model)
         device = pick_device(recipe.train.device)
-        source = data.load_source(recipe.data, recipe.seed)
+        source = data.load_source(recipe.data)
         if recipe.model.num_classes is not None and recipe.model.num_classes != source.num_classes:
             raise FieldError("model.num_classes", recipe.model.num_classes,
                              f"but the data has {source.num_classes} classes")

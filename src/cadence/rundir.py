@@ -89,11 +89,6 @@ class RunDir:
             n += 1
         return self.file(f"recipe.prev-{n}.yaml")
 
-    def note_bad(self, new: list[tuple[str, str]]) -> None:
-        """Append unreadable files to ``bad_images.txt`` (tab-separated path and reason)."""
-        if new and os.path.isdir(self.path):
-            with open(self.file("bad_images.txt"), "a") as f:
-                f.writelines(f"{path}\t{reason}\n" for path, reason in new)
 
     @staticmethod
     def default(name: str, root: str = "runs") -> RunDir:
@@ -105,6 +100,22 @@ class RunDir:
             n += 1
             path = os.path.join(root, f"{name}-{stamp}-{n}")
         return RunDir(path)
+
+
+class BadImages:
+    """Unreadable files met while training: counted (``count``), and each listed once in the run's
+    ``bad_images.txt`` (tab-separated path and reason)."""
+
+    def __init__(self, run: RunDir):
+        self.run, self.count, self.listed = run, 0, set()
+
+    def note(self, bad: list[tuple[str, str]], count: bool = True) -> None:
+        self.count += len(bad) if count else 0
+        new = [(p, why) for p, why in dict(bad).items() if p not in self.listed]
+        self.listed.update(p for p, _ in new)
+        if new and os.path.isdir(self.run.path):
+            with open(self.run.file("bad_images.txt"), "a") as f:
+                f.writelines(f"{path}\t{reason}\n" for path, reason in new)
 
 
 def read_metrics(run_dir: str | RunDir) -> list[dict]:

@@ -103,28 +103,6 @@ class Span(Protocol):
         """The part of this span from ``offset`` for ``length`` units."""
 
 
-@dataclass(frozen=True)
-class UniformSpan:
-    """A span where one step is one unit and there are no epochs: handy in tests and notebooks."""
-
-    length: float
-    last: float = -1.0
-
-    def __post_init__(self):
-        if self.last < 0:
-            object.__setattr__(self, "last", max(self.length - 1, 0.0))
-
-    def measure(self, duration: Duration, where: str) -> float:
-        if duration.unit == "fraction":
-            return duration.value * self.length
-        if duration.unit == "steps":
-            return duration.value
-        raise ScheduleError(where, str(duration), "this span has no epochs or samples")
-
-    def sub(self, offset: float, length: float) -> UniformSpan:
-        return UniformSpan(length, max(math.ceil(offset + length) - 1 - offset, 0.0))
-
-
 # ---------------------------------------------------------------------------------------------
 # Small curve helpers (fastai style: position in [0, 1] -> value)
 

@@ -24,7 +24,7 @@ from cadence.guard import NonFiniteGuard
 from cadence.parts import Parts, Setup, build_parts
 from cadence.plan import epoch_samples
 from cadence.recipe import dump_recipe
-from cadence.rundir import MetricsLog, NullLog, RunDir
+from cadence.rundir import BadImages, MetricsLog, NullLog, RunDir
 from cadence.scheduler import get_momentum
 
 
@@ -61,13 +61,12 @@ class Trainer:
         r = self.recipe
         self.data = train_data or data.TrainData(self.source, r.data, seed=r.seed, rank=self.rank, world=self.world,
                                                  pin_memory=self.device.type == "cuda")
-        self.data.on_bad = self._note_bad
+        self.bad = BadImages(self.run)  # unreadable files met while training (this process)
+        self.data.on_bad = self.bad.note
         self.guard = NonFiniteGuard(r.train.on_nonfinite, self.device, self.timeline, r.train.precision)
         scaler = self.parts.scaler
         self.guard.scale = lambda: scaler.get_scale() if scaler.is_enabled() else None
         self.signals = Signals()
-        self.bad_images = 0  # unreadable files met while training (this process)
-        self._bad_listed: set[str] = set()
         self.step = 0
         self.saved_step: int | None = None  # step of the last checkpoint written or loaded
         self.log_from: int | None = None  # resumed: metrics.jsonl keeps the rows before this (saved) step
@@ -87,7 +86,7 @@ class Trainer:
         trainer = cls(setup, run_dir, parts)
         if setup.dist.main:
             write_run_start(setup, trainer.run)
-            trainer._note_bad(setup.source.bad, count=False)  # found while loading (unreadable files, empty classes)
+            trainer.bad.note(setup.source.bad, count=False)  # found while loading (unreadable files, empty classes)
         return trainer
 
     @classmethod
@@ -179,13 +178,6 @@ class Trainer:
         st = self.recipe.stages[stage]
         return self.data.epoch(st, epoch, epoch_samples(len(self.source.train), st.data_fraction), skip_batches)
 
-    def _note_bad(self, bad: list, count: bool = True) -> None:
-        """Count skipped images and list each unreadable file once in ``bad_images.txt``."""
-        self.bad_images += len(bad) if count else 0
-        new = [(p, why) for p, why in dict(bad).items() if p not in self._bad_listed]
-        self._bad_listed.update(p for p, _ in new)
-        self.run.note_bad(new)
-
     def evaluate(self, resolution: int | None = None) -> dict:
         """Held-out loss, top-1 and top-5 at ``resolution`` px (default: the recipe's)."""
         r = self.recipe
@@ -246,7 +238,7 @@ class Trainer:
                 log.write({"step": s, "stage": k, "epoch": e, "lr": lr, "momentum": momentum,
                            "loss": loss_value, "samples_seen": t.samples_seen[s], "time": round(self.elapsed, 3),
                            "resolution": stage.resolution, **self._skip_count(),
-                           **({"bad_images": self.bad_images} if self.bad_images else {})})
+                           **({"bad_images": self.bad.count} if self.bad.count else {})})
                 bar.set_postfix(lr=f"{lr:.3g}", loss=f"{loss_value:.3f}",
                                 img_s=f"{images / max(now - tick, 1e-9):.0f}", refresh=False)
                 tick, images = now, 0

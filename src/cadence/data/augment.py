@@ -57,7 +57,7 @@ def _reflect(i: torch.Tensor, size: int) -> torch.Tensor:
 
 def resize_batch(x: torch.Tensor, resolution: int) -> torch.Tensor:
     """Bilinear, antialiased resize of a batch to float32. uint8 input is resized as uint8 in
-    channels-last layout (torch's vectorised path, ~3x faster than float), then converted."""
+    channels-last layout (torch's vectorised path, faster than float: benchmarks/), then converted."""
     if x.shape[-1] != resolution or x.shape[-2] != resolution:
         if x.dtype == torch.uint8:
             x = x.contiguous(memory_format=torch.channels_last)

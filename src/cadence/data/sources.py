@@ -61,7 +61,7 @@ class TensorImages(Dataset):
 # Sources
 
 
-def _digits(cfg: DataConfig, seed: int) -> Source:
+def _digits(cfg: DataConfig) -> Source:
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -92,7 +92,7 @@ def synthetic_images(n: int, size: int, num_classes: int, seed: int, templates_s
     return (images * 255).round().to(torch.uint8), labels
 
 
-def _synthetic(cfg: DataConfig, seed: int) -> Source:
+def _synthetic(cfg: DataConfig) -> Source:
     train = synthetic_images(cfg.samples, cfg.image_size, cfg.num_classes, seed=1)
     val = synthetic_images(cfg.val_samples, cfg.image_size, cfg.num_classes, seed=2)
     return Source(TensorImages(*train), TensorImages(*val), num_classes=cfg.num_classes, channels=3,
@@ -213,7 +213,7 @@ def decoded_folder(cfg: DataConfig, root: str, field: str, bad: list) -> tuple[n
     return images, np.load(os.path.join(folder, "labels.npy")), classes
 
 
-def _cifar10(cfg: DataConfig, seed: int) -> Source:
+def _cifar10(cfg: DataConfig) -> Source:
     root = cfg.root or os.path.join(os.path.expanduser("~"), ".cache", "cadence", "cifar10")
     val_split = cfg.val_split or "test"
     bad: list = []
@@ -276,7 +276,7 @@ def _first_readable(items: list[tuple[str, int]], field: str, root: str) -> None
     raise FieldError(field, root, f"holds no readable image (first failure {first})")
 
 
-def _imagefolder(cfg: DataConfig, seed: int) -> Source:
+def _imagefolder(cfg: DataConfig) -> Source:
     val_split = cfg.val_split or "val"
     bad: list = []
     copies: list[tuple[int, str]] = []
@@ -325,9 +325,9 @@ def pick_copy(copies: list[tuple[int, str]], resolution: int) -> int:
     return fits[-1] if fits else 0
 
 
-def load_source(cfg: DataConfig, seed: int = 0) -> Source:
+def load_source(cfg: DataConfig) -> Source:
     """The data a recipe names; a bad path raises FieldError naming ``data.root``."""
-    source = SOURCES[cfg.source](cfg, seed)
+    source = SOURCES[cfg.source](cfg)
     if cfg.train_samples is not None and cfg.train_samples != len(source.train):
         raise FieldError("data.train_samples", cfg.train_samples,
                          f"but the training set has {len(source.train)} images")
