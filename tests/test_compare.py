@@ -10,7 +10,7 @@ import pytest
 
 from cadence import cli, train
 from cadence.recipe import load_recipe
-from test_train import ROOT, TINY, write_recipe
+from helpers import ROOT, TINY, write_recipe
 
 
 def test_plan_only_needs_no_data(tmp_path, capsys):

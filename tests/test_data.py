@@ -19,24 +19,7 @@ from cadence.errors import FieldError
 from cadence.plan import Stage
 from cadence.prepare import prepare_copy
 from cadence.recipe import DataConfig, recipe_from_dict
-
-
-def photo(seed: int, w: int, h: int) -> Image.Image:
-    """A smooth, photo-like RGB image (JPEG-friendly, not noise)."""
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(1, 3, 5, 5, generator=g)
-    x = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)
-    x = (x.clamp(0, 1)[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-    return Image.fromarray(x)
-
-
-def image_folder(root, classes: int = 3, per_class: int = 6, size=(48, 36), fmt="JPEG"):
-    seed = sum(map(ord, str(root.name)))  # train/ and val/ hold different images
-    for c in range(classes):
-        os.makedirs(root / f"c{c}", exist_ok=True)
-        for i in range(per_class):
-            photo(10_000 * seed + 100 * c + i, *size).save(root / f"c{c}" / f"{i}.jpg", format=fmt, quality=90)
-    return root
+from helpers import image_folder, photo
 
 
 # -- keys and in-memory augmentation ------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cadence import data, train
-from test_train import TINY, write_recipe
+from helpers import TINY, image_folder, write_recipe
 
 RECIPE = copy.deepcopy(TINY)
 RECIPE["train"] = {"device": "cpu", "eval_every": "stage", "sync_bn": True}
@@ -110,8 +110,6 @@ def test_a_rank_whose_whole_batch_is_unreadable_does_not_hang_the_others(tmp_pat
     """Two good files among twelve, two images per rank per step: on some step one rank's batch is all
     unreadable while the other's is not. Both ranks must skip that step together (a rank that skipped
     the backward alone would leave the other waiting in DDP's all-reduce)."""
-    from test_data import image_folder
-
     image_folder(tmp_path / "d" / "val", classes=2, per_class=1, size=(20, 20))
     image_folder(tmp_path / "d" / "train", classes=2, per_class=1, size=(20, 20))
     for i in range(10):

@@ -15,7 +15,7 @@ import yaml
 
 from cadence import cli, plan, train
 from cadence.recipe import recipe_from_dict
-from test_train import ROOT, TINY, assert_same_state, run, train_rows, write_recipe
+from helpers import ROOT, TINY, assert_same_state, run, train_rows, write_recipe
 
 
 def _fault_kill():

@@ -14,7 +14,7 @@ import yaml
 
 from cadence import cli, lr_finder, train
 from cadence.recipe import recipe_from_dict
-from test_train import TINY, write_recipe
+from helpers import TINY, write_recipe
 
 GRID = [1e-6 * (1e7) ** (i / 199) for i in range(200)]  # 1e-6 .. 10, 200 points
 

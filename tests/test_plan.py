@@ -21,8 +21,8 @@ from cadence.errors import FieldError
 from cadence.plan import Stage, Timeline, epoch_batches, epoch_samples, lr_scale, make_timeline
 from cadence.recipe import load_recipe, recipe_from_dict
 from cadence.schedules import Duration, MultiStep
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
 PROGRESSIVE = os.path.join(ROOT, "recipes", "imagenet-resnet50-progressive.yaml")
 

@@ -17,8 +17,7 @@ from hypothesis import strategies as st
 from cadence import schedules
 from cadence.errors import FieldError
 from cadence.recipe import load_recipe, recipe_from_dict
-from test_recipe_errors import GOOD
-from test_train import ROOT, TINY
+from helpers import GOOD, ROOT, TINY
 
 
 def _bases() -> list[dict]:

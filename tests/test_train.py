@@ -11,64 +11,23 @@ import time
 
 import pytest
 import torch
-import yaml
 
 from cadence import cli, data, train
 from cadence.errors import FieldError
 from cadence.models import build_model
 from cadence.recipe import recipe_from_dict
 from cadence.report import read_plan_csv
+from helpers import ROOT, TINY, assert_same_state, run, train_rows, write_recipe
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The shared CIFAR-10 JPEGs: $CADENCE_CIFAR10_TAR, or ../shared/data beside the checkout (never in it).
 CIFAR_TAR = os.environ.get("CADENCE_CIFAR10_TAR") or next(
     (p for p in (os.path.join(ROOT, "..", "shared", "data", "cifar10-jpg.tar.gz"),
                  "/work/shared/data/cifar10-jpg.tar.gz") if os.path.exists(p)),
     os.path.join(ROOT, "..", "shared", "data", "cifar10-jpg.tar.gz"))
 
-TINY = {
-    "name": "tiny",
-    "seed": 3,
-    "data": {"source": "synthetic", "samples": 96, "val_samples": 32, "image_size": 16, "num_classes": 4},
-    "model": {"arch": "fastnet", "width": 8},
-    "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5.0e-4,
-                  "reference_batch_size": 16, "lr_scaling": "linear"},
-    "schedule": {"kind": "one_cycle", "scope": "global", "progress": "samples", "pct_start": 0.3,
-                 "momentum": [0.95, 0.85]},
-    "stages": [{"epochs": 2, "resolution": 12, "batch_size": 16, "data_fraction": 0.5},  # 3 steps/epoch
-               {"epochs": 2, "resolution": 16, "batch_size": 32}],  # 3 steps/epoch
-    "train": {"device": "cpu", "eval_every": "epoch", "checkpoint_every": 2},
-}
 ADAMW = {**TINY, "optimizer": {"name": "adamw", "lr": 0.003, "weight_decay": 0.05},
          "schedule": {"kind": "cosine_restarts", "period": "2 epochs", "floor": 0.01,
                       "warmup": {"duration": "2 steps"}}}
-
-
-def write_recipe(tmp_path, raw: dict, name: str = "recipe.yaml") -> str:
-    path = os.path.join(tmp_path, name)
-    with open(path, "w") as f:
-        yaml.safe_dump(raw, f)
-    return path
-
-
-def run(raw: dict, run_dir: str, stop_at: int | None = None, resume: bool = False):
-    setup = train.prepare(recipe_from_dict(raw))
-    trainer, final = train.train(setup, run_dir, resume=resume, stop_at=stop_at, progress=False)
-    return trainer, final
-
-
-def train_rows(run_dir: str) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("time", "wall")} for r in train.read_metrics(run_dir)]
-
-
-def assert_same_state(a: train.Trainer, b: train.Trainer) -> None:
-    for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
-        assert torch.equal(x, y), name
-    sa, sb = a.optimizer.state_dict(), b.optimizer.state_dict()
-    assert sa["param_groups"] == sb["param_groups"]
-    for k in sa["state"]:
-        for name, x in sa["state"][k].items():
-            assert torch.equal(x, sb["state"][k][name]), (k, name)
 
 
 @pytest.mark.parametrize("raw", [TINY, ADAMW], ids=["sgd-onecycle", "adamw-sgdr"])
