@@ -198,7 +198,8 @@ def test_bad_images_are_skipped_counted_and_listed(tmp_path):
     assert not any(os.path.basename(p) in ("gray.jpg", "cmyk.jpg", "png-inside.JPEG") for p, _ in listed)
     rows = [r for r in train.read_metrics(str(tmp_path / "run")) if "loss" in r]
     assert rows[-1]["bad_images"] == 2 * len(unreadable)  # met in each of the 2 epochs
-    assert final is not None and trainer.step == 2 * (24 // 8)
+    assert final["step"] == trainer.step == 2 * (24 // 8)
+    assert final["val_top1"] in [k / 19 for k in range(20)]  # all 19 held-out images (c3's one too) evaluated
 
 
 def test_bad_image_with_on_bad_image_error_names_the_file(tmp_path, capsys):
@@ -282,6 +283,6 @@ def test_prepare_writes_a_bounded_copy_resumes_and_trains_from_it(tmp_path, caps
     assert setup.source.train.items[0][0].startswith(str(out))
     assert setup.source.val.items[0][0].startswith(str(tmp_path / "d" / "val"))  # evaluation: the originals
     _, final = train.train(setup, str(tmp_path / "run"), progress=False)
-    assert final is not None
+    assert final["step"] == 2 * (18 // 8) and final["val_top1"] in [k / 18 for k in range(19)]  # 18 val images
     x, _ = next(iter(train.Trainer(setup, "").loader(0, 0)))
     assert x.shape == (8, 3, 16, 16)

@@ -93,8 +93,8 @@ def test_resume_from_two_ranks_on_one(runs):
 def test_find_lr_under_torchrun_matches_one_process(runs):
     d, recipe = runs
     args = ["find-lr", recipe, "--steps", "20", "--start-lr", "1e-3", "--end-lr", "5"]
-    single(*args, "--out", str(d / "lr-one"), cwd=str(d), ok=(0, 1))  # 1: no suggestion, still a curve
-    torchrun(2, *args, "--out", str(d / "lr-two"), cwd=str(d), ok=(0, 1))
+    single(*args, "--out", str(d / "lr-one"), cwd=str(d))  # 0: the loss climbs away by LR 5, a pick
+    torchrun(2, *args, "--out", str(d / "lr-two"), cwd=str(d))  # the same curve: the same exit code
 
     def losses(folder):
         with open(os.path.join(folder, "lr_find.csv")) as f:

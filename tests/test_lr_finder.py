@@ -145,7 +145,8 @@ def test_find_lr_cli_all_stages(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert {r["stage"] for r in rows} == {"0", "1"}
     assert os.path.getsize(tmp_path / "out" / "lr_find.png") > 10_000
-    assert code in (0, 1) and (code == 0) == ("recommended one-cycle max_lr" in out)
+    # up to LR 20 each stage's loss climbs away (the range stops there): an edge, so a pick, for both
+    assert code == 0 and out.count("recommended one-cycle max_lr") == 2
 
 
 def test_find_lr_says_so_when_the_loss_never_falls(tmp_path, capsys):
@@ -172,10 +173,13 @@ def test_lr_auto_records_the_choice(tmp_path):
     text = (tmp_path / "run" / "recipe.yaml").read_text()
     assert text.startswith("# optimizer.lr was auto")
     chosen = yaml.safe_load(text)["optimizer"]["lr"]
-    assert isinstance(chosen, float) and 1e-5 < chosen < 10
     assert os.path.exists(tmp_path / "run" / "lr_find.png") and os.path.exists(tmp_path / "run" / "lr_find.csv")
+    with open(tmp_path / "run" / "lr_find.csv") as f:
+        grid = [float(r["lr"]) for r in csv.DictReader(f)]
+    assert chosen in [lr / 10 for lr in grid]  # a tenth of the edge; stage 0's batch 16 is the reference
     rows = train.read_metrics(str(tmp_path / "run"))
-    assert max(r["lr"] for r in rows if "lr" in r) <= chosen * 2 + 1e-12  # peak scaled by batch 32/16
+    # trained on the plan of the recipe with the chosen LR, step for step (the peak scaled by batch 32/16)
+    assert [r["lr"] for r in rows if "lr" in r] == recipe_from_dict(yaml.safe_load(text)).timeline().lr
     # resuming with the same auto recipe is accepted: the run's recorded LR stands in for "auto"
     assert cli.main(["train", recipe, "--resume", str(tmp_path / "run"), "--quiet"]) == 0
 
@@ -198,7 +202,7 @@ def test_lr_auto_and_find_lr_use_the_recipes_range(tmp_path, capsys):
     chosen = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["optimizer"]["lr"]
     assert f"optimizer.lr: {chosen:.3g} at reference" in capsys.readouterr().out  # and the same pick
     assert cli.main(["find-lr", recipe, "--steps", "12", "--end", "1", "--out", str(tmp_path / "fl12"),
-                     "--quiet"]) in (0, 1)  # 12 steps may not diverge: a message, not a pick
+                     "--quiet"]) == 0  # the loss climbs away at the 11th LR (0.43): an edge, so a pick
     with open(tmp_path / "fl12" / "lr_find.csv") as f:
         lrs = [float(r["lr"]) for r in csv.DictReader(f)]
     assert lrs[0] == 1e-4 and lrs[1] == pytest.approx(1e-4 * (1 / 1e-4) ** (1 / 11))  # flags over the recipe

@@ -155,9 +155,13 @@ def test_cifar10_jpeg_folder_end_to_end(tmp_path, cifar_subset):
     assert setup.source.train.images.shape == (400, 3, 32, 32)
     trainer, final = train.train(setup, str(tmp_path / "run"), progress=False)
     assert trainer.step == len(setup.timeline) == 4 + 4
-    assert 0.0 <= final["val_top1"] <= 1.0 and "val_top5" in final
     evals = [r for r in train.read_metrics(str(tmp_path / "run")) if "val_top1" in r]
-    assert [r["stage"] for r in evals] == [0, 1]
+    assert [r["stage"] for r in evals] == [0, 1] and final == evals[-1]  # the logged end-of-training row
+    # over the 100 test images (10 classes, so top-5 too): hundredths, top-5 at least top-1
+    assert (final["step"], final["resolution"]) == (8, 32)
+    hundredths = [k / 100 for k in range(101)]
+    assert final["val_top1"] in hundredths and final["val_top5"] in hundredths
+    assert final["val_top5"] >= final["val_top1"]
 
 
 def _cadence(*args: str, cwd: str) -> subprocess.CompletedProcess:
@@ -201,7 +205,9 @@ def test_mixed_precision_and_channels_last_train(tmp_path, precision):
     assert trainer.scaler.is_enabled() == (precision == "fp16")
     losses = [r["loss"] for r in train.read_metrics(str(tmp_path / "run")) if "val_top1" not in r]
     assert len(losses) == 6 and all(0 < v < 10 for v in losses)
-    assert 0.0 <= final["val_top1"] <= 1.0
+    # top-1 over TINY's 32 held-out images (4 classes: no top-5), and what the final weights evaluate to
+    assert final["step"] == 6 and final["val_top1"] in [k / 32 for k in range(33)] and "val_top5" not in final
+    assert trainer.evaluate() == {k: final[k] for k in ("val_loss", "val_top1", "resolution")}
 
 
 def test_imagefolder_source_trains_and_resumes_exactly(tmp_path, cifar_subset):
