@@ -15,6 +15,7 @@ from cadence.recipe import load_recipe
 from helpers import ROOT, TINY, write_recipe
 
 
+@pytest.mark.slow
 def test_plan_only_needs_no_data(tmp_path, capsys):
     recipes = [os.path.join(ROOT, "recipes", f) for f in
                ("imagenet-resnet50-progressive.yaml", "imagenet-resnet50-cosine.yaml")]
@@ -98,6 +99,7 @@ def test_compare_finished_runs_without_retraining(tmp_path, capsys):
     assert "--baseline: 'nope': is not one of the recipes compared" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_compare_resumes_an_unfinished_run_and_reuses_finished_ones(tmp_path, capsys):
     recipe = write_recipe(tmp_path, TINY)
     out_dir = tmp_path / "cmp"
@@ -118,6 +120,7 @@ def test_compare_rejects_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert "not a finished run directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_compare_runs_the_range_test_for_lr_auto(tmp_path, capsys):
     """``optimizer.lr: auto`` in compare: the range test picks the LR, as in ``cadence train`` (it
     trained at the plan's placeholder 1.0), and a resumed run keeps the LR it recorded."""

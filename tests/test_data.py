@@ -124,6 +124,7 @@ def test_file_loader_keeps_its_workers_across_stages(tmp_path):
 # -- the decoded-image cache --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cache_is_reused_for_the_same_files_and_rebuilt_when_they_change(tmp_path, monkeypatch):
     for split in ("train", "test"):
         image_folder(tmp_path / "c10" / split, classes=10, per_class=2, size=(32, 32))
@@ -185,6 +186,7 @@ BAD_RECIPE = {
 }
 
 
+@pytest.mark.slow
 def test_bad_images_are_skipped_counted_and_listed(tmp_path):
     unreadable = bad_folder(tmp_path / "d")
     raw = {**BAD_RECIPE, "data": {"source": "imagefolder", "root": str(tmp_path / "d"), "num_workers": 0}}
@@ -242,6 +244,7 @@ def test_small_image_folder_skips_unreadable_files_at_decode(tmp_path):
 # -- the prepared copy ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_prepare_writes_a_bounded_copy_resumes_and_trains_from_it(tmp_path, capsys):
     for split in ("train", "val"):
         image_folder(tmp_path / "d" / split, classes=3, per_class=6, size=(80, 60))

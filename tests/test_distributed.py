@@ -14,6 +14,8 @@ import torch
 from cadence import data, train
 from helpers import TINY, image_folder, write_recipe
 
+pytestmark = pytest.mark.slow  # every test here trains, under torchrun (two processes) and alone
+
 RECIPE = copy.deepcopy(TINY)
 RECIPE["train"] = {"device": "cpu", "eval_every": "stage", "sync_bn": True}
 

@@ -88,6 +88,7 @@ def test_range_test_counts_a_non_finite_loss_as_the_edge(tmp_path, monkeypatch):
     assert not res.stopped_early and res.suggestions is None and "before the loss climbed away" in res.error
 
 
+@pytest.mark.slow
 def test_lr_auto_with_adamw_says_the_pick_is_an_upper_bound(tmp_path, capsys):
     raw = copy.deepcopy(TINY)
     raw["optimizer"] |= {"name": "adamw", "lr": "auto", "lr_find": {"steps": 30, "start": 1e-5, "end": 100}}
@@ -119,6 +120,7 @@ def test_lr_spacing():
     assert lr_finder.lr_at(2, 5, 0.0 + 1e-4, 1.0, "linear") == pytest.approx((1e-4 + 1.0) / 2)
 
 
+@pytest.mark.slow
 def test_range_test_restores_the_trainer_bit_for_bit(tmp_path):
     trainer = train.Trainer(train.prepare(recipe_from_dict(TINY)), str(tmp_path))
     before = copy.deepcopy(trainer.model.state_dict())
@@ -135,6 +137,7 @@ def test_range_test_restores_the_trainer_bit_for_bit(tmp_path):
     assert trainer.scheduler.last_epoch == 0
 
 
+@pytest.mark.slow
 def test_find_lr_cli_all_stages(tmp_path, capsys):
     recipe = write_recipe(tmp_path, TINY)
     code = cli.main(["find-lr", recipe, "--all-stages", "--steps", "40", "--start", "1e-4", "--end", "20",
@@ -149,6 +152,7 @@ def test_find_lr_cli_all_stages(tmp_path, capsys):
     assert code == 0 and out.count("recommended one-cycle max_lr") == 2
 
 
+@pytest.mark.slow
 def test_find_lr_says_so_when_the_loss_never_falls(tmp_path, capsys):
     recipe = write_recipe(tmp_path, TINY)
     code = cli.main(["find-lr", recipe, "--steps", "30", "--start", "1e-9", "--end", "1e-8",
@@ -165,6 +169,7 @@ def test_bad_range_is_exit_2(tmp_path, capsys):
     assert len(err) == 2 and "--start/--end" in err[0] and "--stage" in err[1]
 
 
+@pytest.mark.slow
 def test_lr_auto_records_the_choice(tmp_path):
     raw = copy.deepcopy(TINY)
     raw["optimizer"]["lr"] = "auto"
@@ -184,6 +189,7 @@ def test_lr_auto_records_the_choice(tmp_path):
     assert cli.main(["train", recipe, "--resume", str(tmp_path / "run"), "--quiet"]) == 0
 
 
+@pytest.mark.slow
 def test_lr_auto_and_find_lr_use_the_recipes_range(tmp_path, capsys):
     """``optimizer.lr_find`` sets the range ``lr: auto`` runs, and ``cadence find-lr``'s defaults, so
     the command shows what auto would pick; its flags still override it."""

@@ -30,6 +30,7 @@ ADAMW = {**TINY, "optimizer": {"name": "adamw", "lr": 0.003, "weight_decay": 0.0
                       "warmup": {"duration": "2 steps"}}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("raw", [TINY, ADAMW], ids=["sgd-onecycle", "adamw-sgdr"])
 @pytest.mark.parametrize("stop_at", [4, 6, 7], ids=["mid-epoch", "stage-boundary", "mid-stage"])
 def test_resume_is_bitwise_exact(tmp_path, raw, stop_at):
@@ -44,6 +45,7 @@ def test_resume_is_bitwise_exact(tmp_path, raw, stop_at):
     assert train_rows(str(tmp_path / "part")) == train_rows(str(tmp_path / "full"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_at", [5, 7])
 def test_evaluation_every_n_steps_is_logged_and_resumes_exactly(tmp_path, stop_at):
     raw = TINY | {"train": TINY["train"] | {"eval_every": 5}}
@@ -59,6 +61,7 @@ def test_evaluation_every_n_steps_is_logged_and_resumes_exactly(tmp_path, stop_a
     assert train_rows(str(tmp_path / "part")) == train_rows(str(tmp_path / "full"))
 
 
+@pytest.mark.slow
 def test_resume_through_the_cli(tmp_path, capsys):
     recipe = write_recipe(tmp_path, TINY)
     assert cli.main(["train", recipe, "--out", str(tmp_path / "a"), "--quiet"]) == 0
@@ -73,6 +76,7 @@ def test_resume_through_the_cli(tmp_path, capsys):
     assert train_rows(str(tmp_path / "a")) == train_rows(str(tmp_path / "b"))
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_recipe(tmp_path, capsys):
     recipe = write_recipe(tmp_path, TINY)
     assert cli.main(["train", recipe, "--out", str(tmp_path / "r"), "--quiet", "--max-steps", "2"]) == 0
@@ -90,6 +94,7 @@ def demo_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_demo_reaches_its_stated_accuracy(demo_run):
     evals = [r for r in train.read_metrics(str(demo_run)) if "val_top1" in r]
     assert evals[-1]["val_top1"] >= 0.95
@@ -101,6 +106,7 @@ def test_demo_reaches_its_stated_accuracy(demo_run):
     assert "held-out top-1" in page and "data:image/png;base64" in page and "one_cycle" in page
 
 
+@pytest.mark.slow
 def test_logged_lr_and_momentum_equal_the_plan(demo_run, tmp_path):
     csv_path = str(tmp_path / "plan.csv")
     assert cli.main(["plan", os.path.join(ROOT, "recipes", "demo.yaml"), "--csv", csv_path]) == 0
@@ -113,6 +119,7 @@ def test_logged_lr_and_momentum_equal_the_plan(demo_run, tmp_path):
     assert [r["stage"] for r in rows] == plan["stage"]
 
 
+@pytest.mark.slow
 def test_eval_at_another_resolution(demo_run, capsys):
     final = [r for r in train.read_metrics(str(demo_run)) if "val_top1" in r][-1]
     assert cli.main(["eval", str(demo_run)]) == 0
@@ -144,6 +151,7 @@ def cifar_subset(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_cifar10_jpeg_folder_end_to_end(tmp_path, cifar_subset):
     raw = {**TINY, "name": "cifar-short",
            "data": {"source": "cifar10", "root": str(cifar_subset)},
@@ -168,6 +176,7 @@ def _cadence(*args: str, cwd: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cadence.cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, field", [
     ("data.source=imagefolder", "data.root"),
     ("model.arch=resnet9000", "model.arch"),
@@ -186,6 +195,7 @@ def test_bad_training_input_exits_2_and_leaves_nothing(tmp_path, override, field
     assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_an_existing_run_is_not_overwritten(tmp_path, capsys):
     recipe = write_recipe(tmp_path, TINY)
     assert cli.main(["train", recipe, "--out", str(tmp_path / "r"), "--quiet", "--max-steps", "1"]) == 0
@@ -196,6 +206,7 @@ def test_an_existing_run_is_not_overwritten(tmp_path, capsys):
     assert (tmp_path / "r" / "checkpoints" / "last.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.filterwarnings("error:Detected call of:UserWarning")  # fp16 skips a step; the plan moves on quietly
 def test_mixed_precision_and_channels_last_train(tmp_path, precision):
@@ -210,6 +221,7 @@ def test_mixed_precision_and_channels_last_train(tmp_path, precision):
     assert trainer.evaluate() == {k: final[k] for k in ("val_loss", "val_top1", "resolution")}
 
 
+@pytest.mark.slow
 def test_imagefolder_source_trains_and_resumes_exactly(tmp_path, cifar_subset):
     """ImageNet layout (train/, val/) read file by file: RandomResizedCrop + flip per stage, and the
     per-image augmentation keyed to its place in training, so a resumed run is bitwise the same."""
@@ -246,6 +258,7 @@ def test_no_weight_decay_on_norm_and_bias():
     assert len(everything.param_groups) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_finishes_the_step_saves_and_resumes_exactly(tmp_path, sig):
     raw = {**TINY, "stages": [{"epochs": 6, "resolution": 12, "batch_size": 16, "data_fraction": 0.5},
@@ -272,6 +285,7 @@ def test_a_signal_finishes_the_step_saves_and_resumes_exactly(tmp_path, sig):
         assert torch.equal(x, resumed["model"][name]), name
 
 
+@pytest.mark.slow
 def test_checkpoints_load_weights_only_and_a_malicious_pickle_is_refused(tmp_path, capsys):
     recipe = write_recipe(tmp_path, TINY)
     assert cli.main(["train", recipe, "--out", str(tmp_path / "r"), "--quiet", "--max-steps", "2"]) == 0
@@ -290,6 +304,7 @@ def test_checkpoints_load_weights_only_and_a_malicious_pickle_is_refused(tmp_pat
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.slow
 def test_divergence_stops_with_one_clear_line(tmp_path, capsys):
     recipe = write_recipe(tmp_path, TINY)
     code = cli.main(["train", recipe, "--out", str(tmp_path / "r"), "--quiet", "--set", "optimizer.lr=1e12"])
@@ -301,6 +316,7 @@ def test_divergence_stops_with_one_clear_line(tmp_path, capsys):
     assert (tmp_path / "r" / "recipe.yaml").exists()  # the run directory is kept
 
 
+@pytest.mark.slow
 def test_weight_ema_follows_its_recurrence_is_evaluated_and_resumes_exactly(tmp_path):
     raw = {**TINY, "train": {**TINY["train"], "ema": 0.8}}
     trainer = train.Trainer(train.prepare(recipe_from_dict(raw)), run_dir="")
@@ -430,6 +446,7 @@ def _not_glibc_default_faulting() -> str | None:
 _NO_GLIBC_DEFAULT = _not_glibc_default_faulting()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="a glibc malloc setting")
 @pytest.mark.parametrize("tuned", [
     pytest.param(False, marks=pytest.mark.skipif(_NO_GLIBC_DEFAULT is not None,
