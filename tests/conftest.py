@@ -20,6 +20,10 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 import pytest  # noqa: E402
 
+# helpers.py (imported by the test modules; tests/ is on sys.path like them) asserts too: rewrite those
+# asserts as pytest does in test modules, so their failures show the values compared.
+pytest.register_assert_rewrite("helpers")
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):

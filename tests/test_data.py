@@ -19,24 +19,7 @@ from cadence.errors import FieldError
 from cadence.plan import Stage
 from cadence.prepare import prepare_copy
 from cadence.recipe import DataConfig, recipe_from_dict
-
-
-def photo(seed: int, w: int, h: int) -> Image.Image:
-    """A smooth, photo-like RGB image (JPEG-friendly, not noise)."""
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(1, 3, 5, 5, generator=g)
-    x = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)
-    x = (x.clamp(0, 1)[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-    return Image.fromarray(x)
-
-
-def image_folder(root, classes: int = 3, per_class: int = 6, size=(48, 36), fmt="JPEG"):
-    seed = sum(map(ord, str(root.name)))  # train/ and val/ hold different images
-    for c in range(classes):
-        os.makedirs(root / f"c{c}", exist_ok=True)
-        for i in range(per_class):
-            photo(10_000 * seed + 100 * c + i, *size).save(root / f"c{c}" / f"{i}.jpg", format=fmt, quality=90)
-    return root
+from helpers import image_folder, photo
 
 
 # -- keys and in-memory augmentation ------------------------------------------------------------
@@ -141,6 +124,7 @@ def test_file_loader_keeps_its_workers_across_stages(tmp_path):
 # -- the decoded-image cache --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cache_is_reused_for_the_same_files_and_rebuilt_when_they_change(tmp_path, monkeypatch):
     for split in ("train", "test"):
         image_folder(tmp_path / "c10" / split, classes=10, per_class=2, size=(32, 32))
@@ -202,6 +186,7 @@ BAD_RECIPE = {
 }
 
 
+@pytest.mark.slow
 def test_bad_images_are_skipped_counted_and_listed(tmp_path):
     unreadable = bad_folder(tmp_path / "d")
     raw = {**BAD_RECIPE, "data": {"source": "imagefolder", "root": str(tmp_path / "d"), "num_workers": 0}}
@@ -215,7 +200,8 @@ def test_bad_images_are_skipped_counted_and_listed(tmp_path):
     assert not any(os.path.basename(p) in ("gray.jpg", "cmyk.jpg", "png-inside.JPEG") for p, _ in listed)
     rows = [r for r in rundir.read_metrics(str(tmp_path / "run")) if "loss" in r]
     assert rows[-1]["bad_images"] == 2 * len(unreadable)  # met in each of the 2 epochs
-    assert final is not None and trainer.step == 2 * (24 // 8)
+    assert final["step"] == trainer.step == 2 * (24 // 8)
+    assert final["val_top1"] in [k / 19 for k in range(20)]  # all 19 held-out images (c3's one too) evaluated
 
 
 def test_bad_image_with_on_bad_image_error_names_the_file(tmp_path, capsys):
@@ -258,6 +244,7 @@ def test_small_image_folder_skips_unreadable_files_at_decode(tmp_path):
 # -- the prepared copy ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_prepare_writes_a_bounded_copy_resumes_and_trains_from_it(tmp_path, capsys):
     for split in ("train", "val"):
         image_folder(tmp_path / "d" / split, classes=3, per_class=6, size=(80, 60))
@@ -299,6 +286,6 @@ def test_prepare_writes_a_bounded_copy_resumes_and_trains_from_it(tmp_path, caps
     assert setup.source.train.items[0][0].startswith(str(out))
     assert setup.source.val.items[0][0].startswith(str(tmp_path / "d" / "val"))  # evaluation: the originals
     _, final = train.train(setup, str(tmp_path / "run"), progress=False)
-    assert final is not None
+    assert final["step"] == 2 * (18 // 8) and final["val_top1"] in [k / 18 for k in range(19)]  # 18 val images
     x, _ = next(iter(train.Trainer(setup, "").loader(0, 0)))
     assert x.shape == (8, 3, 16, 16)

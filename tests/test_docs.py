@@ -7,8 +7,8 @@ import os
 import re
 
 from cadence.recipe import DataConfig, ModelConfig, OptimizerConfig, TrainConfig
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEDULE_KEYS = {"lr", "reference_batch_size", "lr_scaling"}  # documented in schedules.md
 
 

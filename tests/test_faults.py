@@ -15,7 +15,7 @@ import yaml
 
 from cadence import cli, errors, files, parts, plan, rundir, train
 from cadence.recipe import recipe_from_dict
-from test_train import ROOT, TINY, assert_same_state, run, train_rows, write_recipe
+from helpers import ROOT, TINY, assert_same_state, run, train_rows, write_recipe
 
 
 def _fault_kill():
@@ -44,6 +44,7 @@ def reference(tmp_path_factory):
 # -- kills -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_killed_at_random_moments_and_resumed_ends_bitwise_equal(tmp_path, reference):
     """SIGKILL before the first checkpoint, inside a checkpoint write and mid-step; resume each time.
     (benchmarks/fault_kill.py --kills N is the long version.)"""
@@ -84,6 +85,7 @@ def _fail_checkpoint_writes(monkeypatch, after: int, where: str, code: int) -> N
     monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where, code", [("fsync", errno.ENOSPC), ("mkstemp", errno.EACCES)],
                          ids=["disk-full", "no-permission"])
 def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last(tmp_path, capsys, monkeypatch, reference,
@@ -101,6 +103,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last(tmp_path, caps
         assert_same_state(reference[1], train.Trainer.resume(parts.build_setup(recipe_from_dict(TINY)), str(run_dir)))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")
 def test_an_unwritable_run_directory_is_one_line(tmp_path, capsys):
     recipe, run_dir = write_recipe(tmp_path, TINY), tmp_path / "r"
@@ -150,6 +153,7 @@ def poison(monkeypatch, steps: set[int], checks: list | None = None) -> None:
     monkeypatch.setattr(train.Trainer, "train_step", train_step)
 
 
+@pytest.mark.slow
 def test_a_nonfinite_loss_stops_at_once_naming_step_stage_and_lr(tmp_path, capsys, monkeypatch):
     recipe, run_dir = write_recipe(tmp_path, TINY), tmp_path / "r"
     poison(monkeypatch, {7})
@@ -162,6 +166,7 @@ def test_a_nonfinite_loss_stops_at_once_naming_step_stage_and_lr(tmp_path, capsy
     assert max(r["step"] for r in rundir.read_metrics(str(run_dir))) == 6
 
 
+@pytest.mark.slow
 def test_skip_mode_skips_the_update_counts_it_and_resumes_exactly(tmp_path, capsys, monkeypatch):
     raw = TINY | {"train": TINY["train"] | {"on_nonfinite": "skip"}}
     checks: list[bool] = []
@@ -182,6 +187,7 @@ def test_skip_mode_skips_the_update_counts_it_and_resumes_exactly(tmp_path, caps
     assert_same_state(train.Trainer.resume(parts.build_setup(recipe_from_dict(raw)), str(straight)), resumed)
 
 
+@pytest.mark.slow
 def test_the_deferred_check_never_saves_a_diverged_state(tmp_path, monkeypatch):
     """On CUDA the loss is checked on the device and read at log steps and checkpoints (forced here)."""
     raw = TINY | {"train": TINY["train"] | {"log_every": 100}}
@@ -222,6 +228,7 @@ def test_continue_at_keeps_images_seen_or_the_fraction_of_training():
     assert plan.continue_at(old, 0, longer.timeline(), "stretch") == 0
 
 
+@pytest.mark.slow
 def test_a_changed_schedule_is_refused_listing_every_difference(tmp_path, capsys, stopped):
     recipe, run_dir = _copy(stopped, tmp_path)
     before = {f: (run_dir / f).read_bytes() for f in ("recipe.yaml", "checkpoints/last.pt")}
@@ -239,6 +246,7 @@ def test_a_changed_schedule_is_refused_listing_every_difference(tmp_path, capsys
     assert code == 2 and "start a new run" in err[0] and err[1:] == ["  model.width: 8 -> 16   [model]"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy, change, at", [
     ("keep-position", ["stages.0.batch_size=8"], 10),
     ("stretch", ["stages.1.epochs=4"], 7),
@@ -260,6 +268,7 @@ def test_a_policy_continues_on_the_new_timeline(tmp_path, capsys, stopped, polic
     assert os.path.getsize(run_dir / "recipe_change.png") > 0
 
 
+@pytest.mark.slow
 def test_changes_that_move_nothing_are_accepted_and_recorded(tmp_path, stopped, reference):
     recipe, run_dir = _copy(stopped, tmp_path)
     (run_dir / ".tmp-recipe.yaml").write_text("name: half")  # as a kill while writing recipe.yaml leaves it
@@ -274,6 +283,7 @@ def test_changes_that_move_nothing_are_accepted_and_recorded(tmp_path, stopped, 
 # -- export ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_export_writes_the_weights_as_safetensors(tmp_path, capsys, reference):
     from safetensors import safe_open
     from safetensors.torch import load_file

@@ -14,7 +14,7 @@ import yaml
 
 from cadence import cli, lr_finder, parts, rundir, smoothing, train
 from cadence.recipe import recipe_from_dict
-from test_train import TINY, write_recipe
+from helpers import TINY, write_recipe
 
 GRID = [1e-6 * (1e7) ** (i / 199) for i in range(200)]  # 1e-6 .. 10, 200 points
 
@@ -127,6 +127,7 @@ def test_lr_spacing():
     assert lr_finder.lr_at(2, 5, 0.0 + 1e-4, 1.0, "linear") == pytest.approx((1e-4 + 1.0) / 2)
 
 
+@pytest.mark.slow
 def test_range_test_restores_the_parts_bit_for_bit_and_leaves_scheduler_and_ema_alone(tmp_path):
     raw = copy.deepcopy(TINY)
     raw["train"] = raw["train"] | {"ema": 0.9}
@@ -149,6 +150,7 @@ def test_range_test_restores_the_parts_bit_for_bit_and_leaves_scheduler_and_ema_
     assert built.scheduler.last_epoch == 0  # the caller's clock: never stepped
 
 
+@pytest.mark.slow
 def test_find_lr_cli_all_stages(tmp_path, capsys):
     recipe = write_recipe(tmp_path, TINY)
     code = cli.main(["find-lr", recipe, "--all-stages", "--steps", "40", "--start", "1e-4", "--end", "20",
@@ -159,9 +161,11 @@ def test_find_lr_cli_all_stages(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert {r["stage"] for r in rows} == {"0", "1"}
     assert os.path.getsize(tmp_path / "out" / "lr_find.png") > 10_000
-    assert code in (0, 1) and (code == 0) == ("recommended one-cycle max_lr" in out)
+    # up to LR 20 each stage's loss climbs away (the range stops there): an edge, so a pick, for both
+    assert code == 0 and out.count("recommended one-cycle max_lr") == 2
 
 
+@pytest.mark.slow
 def test_find_lr_says_so_when_the_loss_never_falls(tmp_path, capsys):
     recipe = write_recipe(tmp_path, TINY)
     code = cli.main(["find-lr", recipe, "--steps", "30", "--start", "1e-9", "--end", "1e-8",
@@ -178,6 +182,7 @@ def test_bad_range_is_exit_2(tmp_path, capsys):
     assert len(err) == 2 and "--start/--end" in err[0] and "--stage" in err[1]
 
 
+@pytest.mark.slow
 def test_lr_auto_records_the_choice(tmp_path):
     raw = copy.deepcopy(TINY)
     raw["optimizer"]["lr"] = "auto"
@@ -186,14 +191,18 @@ def test_lr_auto_records_the_choice(tmp_path):
     text = (tmp_path / "run" / "recipe.yaml").read_text()
     assert text.startswith("# optimizer.lr was auto")
     chosen = yaml.safe_load(text)["optimizer"]["lr"]
-    assert isinstance(chosen, float) and 1e-5 < chosen < 10
     assert os.path.exists(tmp_path / "run" / "lr_find.png") and os.path.exists(tmp_path / "run" / "lr_find.csv")
+    with open(tmp_path / "run" / "lr_find.csv") as f:
+        grid = [float(r["lr"]) for r in csv.DictReader(f)]
+    assert chosen in [lr / 10 for lr in grid]  # a tenth of the edge; stage 0's batch 16 is the reference
     rows = rundir.read_metrics(str(tmp_path / "run"))
-    assert max(r["lr"] for r in rows if "lr" in r) <= chosen * 2 + 1e-12  # peak scaled by batch 32/16
+    # trained on the plan of the recipe with the chosen LR, step for step (the peak scaled by batch 32/16)
+    assert [r["lr"] for r in rows if "lr" in r] == recipe_from_dict(yaml.safe_load(text)).timeline().lr
     # resuming with the same auto recipe is accepted: the run's recorded LR stands in for "auto"
     assert cli.main(["train", recipe, "--resume", str(tmp_path / "run"), "--quiet"]) == 0
 
 
+@pytest.mark.slow
 def test_lr_auto_and_find_lr_use_the_recipes_range(tmp_path, capsys):
     """``optimizer.lr_find`` sets the range ``lr: auto`` runs, and ``cadence find-lr``'s defaults, so
     the command shows what auto would pick; its flags still override it."""
@@ -212,7 +221,7 @@ def test_lr_auto_and_find_lr_use_the_recipes_range(tmp_path, capsys):
     chosen = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["optimizer"]["lr"]
     assert f"optimizer.lr: {chosen:.3g} at reference" in capsys.readouterr().out  # and the same pick
     assert cli.main(["find-lr", recipe, "--steps", "12", "--end", "1", "--out", str(tmp_path / "fl12"),
-                     "--quiet"]) in (0, 1)  # 12 steps may not diverge: a message, not a pick
+                     "--quiet"]) == 0  # the loss climbs away at the 11th LR (0.43): an edge, so a pick
     with open(tmp_path / "fl12" / "lr_find.csv") as f:
         lrs = [float(r["lr"]) for r in csv.DictReader(f)]
     assert lrs[0] == 1e-4 and lrs[1] == pytest.approx(1e-4 * (1 / 1e-4) ** (1 / 11))  # flags over the recipe

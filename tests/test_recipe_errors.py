@@ -13,18 +13,7 @@ import yaml
 from cadence.cli import main as cadence_main
 from cadence.errors import FieldError
 from cadence.recipe import load_recipe, recipe_from_dict
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-GOOD = {
-    "name": "errors",
-    "data": {"source": "synthetic", "train_samples": 1000},
-    "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
-    "schedule": {"kind": "one_cycle", "scope": "global", "progress": "samples", "pct_start": 0.3,
-                 "momentum": [0.95, 0.85]},
-    "stages": [{"epochs": 2, "resolution": 32, "batch_size": 10},
-               {"epochs": 2, "resolution": 48, "batch_size": 20, "data_fraction": 0.5}],
-}
+from helpers import GOOD, ROOT
 
 
 def edit(path: str, value):

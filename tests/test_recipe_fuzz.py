@@ -10,6 +10,7 @@ import glob
 import math
 import os
 
+import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,8 +18,9 @@ from hypothesis import strategies as st
 from cadence import schedules
 from cadence.errors import FieldError
 from cadence.recipe import load_recipe, recipe_from_dict
-from test_recipe_errors import GOOD
-from test_train import ROOT, TINY
+from helpers import GOOD, ROOT, TINY
+
+pytestmark = pytest.mark.slow  # 300 to 1,200 recipes planned per test
 
 
 def _bases() -> list[dict]:
