@@ -2,12 +2,17 @@
 weights (and metrics rows) bitwise equal to a run never interrupted.
 
     .venv/bin/python benchmarks/fault_kill.py --kills 30 --seed 1          # about 4 s per kill on 2 cores
+    .venv/bin/python benchmarks/fault_kill.py --kills 10 --images          # JPEG folder, loader workers
 
-Kills come in three kinds, drawn with a seeded RNG:
+Kills come in four kinds, drawn with a seeded RNG:
   early  as soon as the run directory has its recipe.yaml (usually before the first checkpoint);
   step   after 1-4 more metrics rows, plus 0-0.3 s (anywhere in a step, a log write or a checkpoint);
   write  inside a checkpoint write: the child's os.fsync of a checkpoint's temporary file is made to
-         pause (a test hook in this script's child command, not in cadence), and the kill lands there.
+         pause (a test hook in this script's child command, not in cadence), and the kill lands there;
+  term   SIGTERM to the child's whole process group (what scancel, systemd and timeout send), after
+         1-4 more rows: the run must exit 143 with a checkpoint of its last step (with --images, its
+         DataLoader workers get the signal too).
+Every kill but ``term`` is a SIGKILL.
 After every kill the last checkpoint, if any, must load with weights_only=True. tests/test_faults.py
 runs a short version of this.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -95,18 +101,25 @@ def kill_and_resume(recipe: str, run_dir: str, kinds: list[str], seed: int = 0, 
         rows, n_marks = _count_lines(metrics), len(os.listdir(marks))
         more, pause = rng.randint(1, 4), rng.uniform(0.0, 0.3)
         child = subprocess.Popen([sys.executable, "-c", CHILD, *command(recipe, run_dir)], env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
         if kind == "early":
             hit = _wait(lambda: os.path.exists(os.path.join(run_dir, "recipe.yaml")), child)
-        elif kind == "step":
+        elif kind in ("step", "term"):
             hit = _wait(lambda: _count_lines(metrics) >= rows + more, child)
             time.sleep(pause)
         else:
             hit = _wait(lambda: len(os.listdir(marks)) > n_marks, child)
-        child.kill()
+        if kind == "term":
+            try:
+                os.killpg(child.pid, signal.SIGTERM)
+            except ProcessLookupError:  # it had ended
+                pass
+        else:
+            child.kill()
         _, err = child.communicate()
-        if child.returncode not in (-9, 0):
-            raise RuntimeError(f"kill {i} ({kind}): the run failed by itself (exit {child.returncode}): {err}")
+        expected = (143, 0) if kind == "term" else (-9, 0)
+        if child.returncode not in expected:
+            raise RuntimeError(f"kill {i} ({kind}): exit {child.returncode}, expected one of {expected}: {err}")
         folder = os.path.join(run_dir, "checkpoints")
         tmp = sorted(f for f in os.listdir(folder) if f.startswith(".tmp-")) if os.path.isdir(folder) else []
         last = os.path.join(folder, "last.pt")
@@ -122,11 +135,28 @@ def kill_and_resume(recipe: str, run_dir: str, kinds: list[str], seed: int = 0, 
 
 
 def kinds_for(kills: int, seed: int) -> list[str]:
-    """``early`` first, then step and write kills in a seeded order (write kills at least a third)."""
+    """``early`` first, then step, write and term kills in a seeded order (write and term kills at
+    least a quarter each)."""
     rng = random.Random(seed)
-    rest = ["write"] * max(1, (kills - 1) // 3) + ["step"] * (kills - 1 - max(1, (kills - 1) // 3))
+    quarter = max(1, (kills - 1) // 4)
+    rest = ["write"] * quarter + ["term"] * quarter + ["step"] * max(0, kills - 1 - 2 * quarter)
     rng.shuffle(rest)
     return (["early"] + rest)[:kills]
+
+
+def image_folder(root: str, classes: int = 4, per_class: int = 24, size: int = 24) -> None:
+    """A small JPEG folder (train/ and val/) of class-coloured noise, for runs with loader workers."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("val", 4)):
+        for c in range(classes):
+            os.makedirs(os.path.join(root, split, f"c{c}"), exist_ok=True)
+            for i in range(n):
+                base = np.full((size, size, 3), 40 + 50 * c, dtype=np.int16)
+                pixels = np.clip(base + rng.integers(-30, 30, base.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(os.path.join(root, split, f"c{c}", f"{i}.jpg"), quality=90)
 
 
 def different_tensors(a: str, b: str) -> list[str]:
@@ -142,12 +172,16 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=2, help="epochs per stage of the tiny recipe")
     parser.add_argument("--out", default="/tmp/cadence-fault-kill")
+    parser.add_argument("--images", action="store_true", help="train from a JPEG folder with a DataLoader worker")
     args = parser.parse_args()
     import shutil
 
     shutil.rmtree(args.out, ignore_errors=True)
     os.makedirs(args.out)
     raw = dict(RECIPE, stages=[dict(s, epochs=args.epochs) for s in RECIPE["stages"]])
+    if args.images:
+        image_folder(os.path.join(args.out, "images"))
+        raw["data"] = {"source": "imagefolder", "root": os.path.join(args.out, "images"), "num_workers": 1}
     recipe = os.path.join(args.out, "recipe.yaml")
     with open(recipe, "w") as f:
         yaml.safe_dump(raw, f)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+import threading
 
 from cadence.errors import FieldError
 
@@ -40,12 +42,14 @@ def cmd_plan(args) -> int:
         print(f"optimizer.lr is auto: the LRs below are multiples of the peak the range test ({rt.steps} steps, "
               f"LR {rt.start:g} to {rt.end:g}, on stage 0) will choose")
     print(report.plan_table(timeline))
-    if args.csv:
-        report.write_plan_csv(timeline, args.csv)
-        print(f"wrote {args.csv}")
-    if args.plot:
-        report.plot_plan(timeline, args.plot, title=recipe.name)
-        print(f"wrote {args.plot}")
+    for flag, path, write in (("--csv", args.csv, lambda p: report.write_plan_csv(timeline, p)),
+                              ("--plot", args.plot, lambda p: report.plot_plan(timeline, p, title=recipe.name))):
+        if path:
+            try:
+                write(path)
+            except OSError as e:  # a missing folder, a folder, no permission: the output path is bad input
+                raise FieldError(flag, path, f"cannot write it: {e.strerror or e}") from None
+            print(f"wrote {path}")
     return 0
 
 
@@ -100,6 +104,9 @@ def cmd_train(args) -> int:
     run = RunDir(args.resume or args.out or RunDir.default(recipe.name))
     if not args.resume and run.has_checkpoint():
         raise FieldError("--out", run.path, "already holds a run (use --resume to continue it)")
+    run.refuse_if_lost("--resume" if args.resume else "--out")
+    if args.resume and setup.dist.main:
+        run.lock()  # before the recipe check below writes anything into the run
     if not args.resume and (why := run.cannot_create()):
         raise FieldError("--out", run.path, f"cannot create it: {why}")
     say = _say(setup.dist.main)
@@ -205,6 +212,12 @@ def cmd_find_lr(args) -> int:
     if not 0 <= args.stage < len(recipe.stages):
         raise FieldError("--stage", args.stage, f"the recipe has stages 0..{len(recipe.stages) - 1}")
     setup = parts.build_setup(recipe, args.recipe)
+    try:  # where the curve goes must be writable before the test runs, not after
+        os.makedirs(args.out, exist_ok=True)
+        if not os.access(args.out, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise FieldError("--out", args.out, f"cannot write there: {e.strerror or e}") from None
     built = parts.build_parts(setup)
     stages = range(len(recipe.stages)) if args.all_stages else [args.stage]
     results = [lr_finder.range_test_stage(setup, built, k, start=start, end=end, steps=steps, mode=args.mode,
@@ -253,6 +266,10 @@ def cmd_compare(args) -> int:
 
     runs = [p for p in args.items if os.path.isdir(p)]
     recipes = [p for p in args.items if not os.path.isdir(p)]
+    twice = next((p for i, p in enumerate(args.items) if os.path.realpath(p) in map(os.path.realpath, args.items[:i])),
+                 None)
+    if twice is not None:
+        raise FieldError("ITEMS", twice, "is given twice: each recipe or run counts once")
     if runs and recipes:
         raise FieldError("ITEMS", args.items, "give recipes or run directories, not both")
     out = args.out or os.path.join("runs", "compare-" + time.strftime("%Y%m%d-%H%M%S"))
@@ -354,30 +371,54 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; every way it can end maps to an exit code here, with one line on stderr:
     bad input 2; a signal honoured after a checkpoint 128 + signal, with the command that continues;
     Ctrl-C anywhere else 130; divergence or a failed write 1."""
-    from cadence.errors import Diverged, Interrupted
+    import signal
+
+    from cadence.errors import Diverged, Interrupted, Terminated
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
     except FieldError as e:
         print(f"cadence: error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
         print(f"cadence: {e}: checkpoint written; continue with: {e.resume}", file=sys.stderr)
         return 128 + e.signum
-    except KeyboardInterrupt:
-        print("cadence: interrupted (Ctrl-C) outside a training step: no checkpoint was written now; the "
-              "last one, if any, is intact", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as e:
+        name, code = ("SIGTERM", 143) if isinstance(e, Terminated) else ("Ctrl-C", 130)
+        print(f"cadence: {name} outside a training step: stopped; a new run's folder is removed, a run's last "
+              "checkpoint is intact", file=sys.stderr)
+        return code
+    except (MemoryError, RuntimeError) as e:  # an allocation too large for this machine: say so, and how large
+        if not isinstance(e, MemoryError) and "allocate" not in str(e):
+            raise
+        wanted = re.search(r"allocate (\d+) bytes", str(e))
+        size = f" ({int(wanted.group(1)) / 2**30:.1f} GiB at once)" if wanted else ""
+        print(f"cadence: error: out of memory{size}: lower the batch size or the resolution", file=sys.stderr)
+        return 1
     except Diverged as e:  # the last good checkpoint is kept
         print(f"cadence: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `cadence plan ... | head -1`: the reader has gone; so do we, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:  # disk full, no permission: the last checkpoint is intact
         then = f"; the last checkpoint is intact: {e.resume}" if getattr(e, "resume", None) else ""
         print(f"cadence: error: cannot write {e.filename or ''}: {e.strerror or e}{then}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

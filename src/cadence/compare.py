@@ -119,9 +119,18 @@ def compare_runs(runs: list[str], out: str, thresholds: tuple[float, ...] = (),
     every recipe's time to reach its mean final top-1 is reported."""
     from cadence import report
 
+    seen = set()
     for d in runs:
-        if not os.path.exists(RunDir(d).metrics):
-            raise FieldError("ITEMS", d, "is not a finished run directory (no metrics.jsonl)")
+        run = RunDir(d)
+        if os.path.realpath(d) in seen:
+            raise FieldError("ITEMS", d, "is given twice: each run counts once")
+        seen.add(os.path.realpath(d))
+        if not os.path.exists(run.metrics) or not run.has_recipe():
+            raise FieldError("ITEMS", d, "is not a run directory (no metrics.jsonl or recipe.yaml)")
+        steps = len(load_recipe(run.recipe).timeline())
+        if not finished(run, steps):
+            raise FieldError("ITEMS", d, f"is not finished (no evaluation after its last step, {steps:,}): its "
+                             f"last evaluation is not a final one; continue it: cadence train --resume {d}")
     os.makedirs(out, exist_ok=True)
     thresholds = tuple(thresholds)
     summary = summarize_runs(runs, thresholds)

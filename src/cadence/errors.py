@@ -7,7 +7,12 @@ map them without importing the trainer.
 
 from __future__ import annotations
 
+import reprlib
 import signal
+
+_SHORT = reprlib.Repr()  # a value in a message is bounded: a YAML alias bomb is not expanded
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxset = 2, 6, 6, 6, 6
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 120, 120, 60
 
 
 class FieldError(ValueError):
@@ -19,7 +24,7 @@ class FieldError(ValueError):
 
     def __str__(self) -> str:
         where = f"{self.file}: " if self.file else ""
-        return f"{where}{self.field}: {self.value!r}: {self.message}"
+        return f"{where}{self.field}: {_SHORT.repr(self.value)}: {self.message}"
 
     def within(self, prefix: str = "", file: str | None = None) -> FieldError:
         """The same error, with ``prefix`` put before the field path and/or the file named."""
@@ -38,3 +43,8 @@ class Interrupted(Exception):
     def __init__(self, signum: int, step: int, resume: str = ""):
         super().__init__(f"{signal.Signals(signum).name} at step {step}")
         self.signum, self.step, self.resume = signum, step, resume
+
+
+class Terminated(BaseException):
+    """SIGTERM outside a training step (start-up, the range test, the report): raised by the CLI's
+    handler so that clean-ups run (a new run's folder is removed) and the exit says so in one line."""

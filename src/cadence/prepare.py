@@ -90,7 +90,14 @@ def prepare_copy(recipe: Recipe, out: str, *, short_sides: list[int] | None = No
         raise FieldError("--short-side", min(sides), "must be at least 8 px")
     if not 1 <= quality <= 100:
         raise FieldError("--quality", quality, "must be in 1..100")
+    if workers is not None and workers < 1:
+        raise FieldError("--workers", workers, "must be >= 1")
     src_root = os.path.join(cfg.root, "train")
+    for split in (src_root, os.path.join(cfg.root, cfg.val_split or "val")):
+        inside = os.path.realpath(out) + os.sep
+        if inside.startswith(os.path.realpath(split) + os.sep):
+            raise FieldError("--out", out, f"is inside the data set's {split}: its copies would be read as more "
+                             "images of their classes; write the copy elsewhere")
     folders = {side: os.path.join(out, f"{side}px") for side in sides}
     params = {side: {"short_side": side, "quality": quality, "source": os.path.abspath(src_root)} for side in sides}
     done = {side: _check_params(folders[side], params[side]) for side in sides}

@@ -195,7 +195,7 @@ class Recipe:
     name: str
     stages: list[Stage]
     schedule: ScheduleConfig
-    seed: int = 0
+    seed: int = 0  # any value torch.manual_seed takes: -2**63 .. 2**64 - 1
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -204,6 +204,10 @@ class Recipe:
 
     def __post_init__(self):
         _check(len(self.stages) > 0, "stages", self.stages, "needs at least one stage")
+        _check(bool(self.name) and not set(self.name) & {"/", "\\", "\0"} and self.name not in (".", ".."),
+               "name", self.name, "is a name, not a path: no '/', '\\' or NUL, not '.' or '..' (run folders are "
+               "runs/<name>-<time>)")
+        _check(-2**63 <= self.seed < 2**64, "seed", self.seed, "must be in -2**63 .. 2**64 - 1 (what torch takes)")
 
     def timeline(self, train_samples: int | None = None, world_size: int = 1) -> Timeline:
         """Every optimizer step with its LR and momentum (raises FieldError if the schedule can't fit)."""
@@ -387,11 +391,37 @@ def recipe_from_dict(raw: dict, file: str | None = None) -> Recipe:
     return recipe
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as ``yaml.safe_load`` reads it, but a key given twice in one mapping is an error (naming
+    the key and both lines), not silently the last one."""
+
+
+def _unique_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.setdefault(key, key_node.start_mark.line + 1)
+        except TypeError:  # an unhashable key: the constructor below says what is wrong with it
+            continue
+        if first != key_node.start_mark.line + 1:
+            raise FieldError(str(key), "(given twice)", f"appears on line {first} and again on line "
+                             f"{key_node.start_mark.line + 1} of one mapping; keep one")
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_recipe(path: str, sets: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe file."""
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            raw = yaml.load(f, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+    except FieldError as e:
+        raise e.within(file=path) from None
+    except RecursionError:
+        raise FieldError("(file)", path, "is nested too deeply to be a recipe", file=path) from None
     except OSError as e:
         raise FieldError("(file)", path, f"cannot read: {e.strerror}", file=path) from None
     except UnicodeDecodeError as e:

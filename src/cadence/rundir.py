@@ -14,11 +14,16 @@ Torch-free (TensorBoard's writer is imported when a log is opened).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import time
 
 from cadence import files
+from cadence.errors import FieldError
+
+_HELD: dict[str, int] = {}  # run folder (real path) -> the fd of its lock, for the folders this process holds
 
 
 class RunDir:
@@ -57,7 +62,51 @@ class RunDir:
         return self.file("tensorboard")
 
     def has_checkpoint(self) -> bool:
-        return os.path.exists(self.last)
+        """``checkpoints/last.pt`` is there (a dangling link or a FIFO counts: loading it refuses it)."""
+        return os.path.lexists(self.last)
+
+    def had_checkpoint(self) -> bool:
+        """A checkpoint was written into this folder once (``.checkpointed``, written with the first)."""
+        return os.path.exists(self.file(".checkpointed"))
+
+    def note_checkpoint(self, step: int) -> None:
+        """Record that this run has written a checkpoint, so losing it later is told apart from a run
+        killed before its first one (which starts again from step 0)."""
+        if not self.had_checkpoint():
+            files.write_text_atomic(f"first checkpoint at step {step}\n", self.file(".checkpointed"))
+
+    def refuse_if_lost(self, field: str) -> None:
+        """FieldError if this folder had a checkpoint and ``last.pt`` is gone: never restart it from 0."""
+        if self.had_checkpoint() and not self.has_checkpoint():
+            raise FieldError(field, self.path, "had a checkpoint and checkpoints/last.pt is gone; it is not "
+                             "restarted from step 0 (restore last.pt, or train into another folder)")
+
+    def lock(self) -> None:
+        """Take this folder's writer lock (``.lock``; made if missing): one process writes a run. A
+        kernel lock (flock), released however the process ends, so a kill leaves no stale lock.
+        Taking it again in the same process does nothing. Held by another process: FieldError
+        naming its pid and host."""
+        os.makedirs(self.path, exist_ok=True)
+        key = os.path.realpath(self.path)
+        if key in _HELD:
+            return
+        fd = os.open(self.file(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise FieldError("RUN_DIR", self.path, f"is being written by {holder}: one process at a time "
+                             "(wait for it to end, or stop it)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
+        _HELD[key] = fd
+
+    def unlock(self) -> None:
+        fd = _HELD.pop(os.path.realpath(self.path), None)
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     def has_recipe(self) -> bool:
         return os.path.exists(self.recipe)
@@ -119,16 +168,23 @@ class BadImages:
 
 
 def read_metrics(run_dir: str | RunDir) -> list[dict]:
-    """The rows of a run's ``metrics.jsonl`` (a last line cut short by a kill is left out)."""
-    with open(RunDir(run_dir).metrics) as f:
-        lines = [line for line in f if line.strip()]
+    """The rows of a run's ``metrics.jsonl`` (a last line cut short by a kill is left out). A damaged
+    line elsewhere, or a row without an integer ``step``, raises FieldError naming file and line."""
+    path = RunDir(run_dir).metrics
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
     rows = []
-    for i, line in enumerate(lines):
+    for i, (n, line) in enumerate(lines):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise
+            if i == len(lines) - 1:
+                break
+            raise FieldError("(metrics)", path, f"line {n} is not a JSON object (damaged): repair or remove it") \
+                from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int) or isinstance(row["step"], bool):
+            raise FieldError("(metrics)", path, f"line {n} is not a metrics row (no integer 'step')")
+        rows.append(row)
     return rows
 
 

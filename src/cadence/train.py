@@ -116,6 +116,9 @@ class Trainer:
         of this trainer's timeline, with the saved weights, optimizer state and RNG but the new recipe's
         optimizer hyperparameters (weight decay, betas, ...) and the new timeline's LR and momentum."""
         p = self.parts
+        if at is None and state["step"] > len(self.timeline):
+            raise FieldError("(checkpoint)", self.run.last, f"says step {state['step']:,}, past the end of the run's "
+                             f"plan ({len(self.timeline):,} steps)")
         recipe_groups = [{k: v for k, v in g.items() if k != "params"} for g in p.optimizer.param_groups]
         p.load_weights(state)
         p.optimizer.load_state_dict(state["optimizer"])
@@ -141,6 +144,7 @@ class Trainer:
         self.guard.check_weights(self.parts.model, self.step - 1)
         if self.main:  # every rank holds the same weights and optimizer state
             checkpoint.save_atomic(self.state(), self.run.last)
+            self.run.note_checkpoint(self.step)
         self._saved(self.step)
 
     def _saved(self, step: int) -> None:
@@ -195,18 +199,16 @@ class Trainer:
         bar = tqdm(total=len(t), initial=self.step, disable=not (progress and self.main), file=sys.stderr,
                    dynamic_ncols=True, mininterval=0.5, unit="step")
         try:
-            with Signals() as self.signals:
+            with Signals() as self.signals:  # a signal now: finish the step (or the final evaluation), save
                 while self.step < end and self.signals.received is None:
                     self._run_epoch(log, bar, end)
-            bar.close()
+                bar.close()
+                final = None
+                if self.step == len(t) and self.signals.received is None:
+                    final = self.evals[-1] if self.evals and self.evals[-1]["step"] == self.step else self._eval(log)
+                self.save()
             if self.signals.received is not None:
-                self.save()
                 raise Interrupted(self.signals.received, self.step, f"cadence train --resume {self.run}")
-            if self.step < len(t):
-                self.save()
-                return None
-            final = self.evals[-1] if self.evals and self.evals[-1]["step"] == self.step else self._eval(log)
-            self.save()
             return final
         finally:
             bar.close()
@@ -321,26 +323,33 @@ def train(setup: Setup, run_dir: str, *, resume: bool = False, stop_at: int | No
     the checkpoint at this step of ``setup``'s timeline (the recipe changed; see ``Trainer.load_state``)."""
     run = RunDir(run_dir)
     fresh = not resume and not os.path.exists(run.path)
-    if resume and state is None and not run.has_checkpoint():
-        resume = False
-    try:
-        trainer = (Trainer.resume(setup, run.path, state, at) if resume
-                   else Trainer.create(setup, run.path, parts))
-        if at is not None:  # the new position, before anything else: a plain --resume continues from it
-            trainer.save()
-    except BaseException:
-        if fresh:
-            shutil.rmtree(run.path, ignore_errors=True)
-        raise
-    try:
-        final = trainer.fit(stop_at=stop_at, progress=progress)
-    except OSError as e:  # disk full, no permission: say how to go on once there is room
-        if run.has_checkpoint():
-            e.resume = f"cadence train --resume {run}"
-        raise
     if setup.dist.main:
-        from cadence import report
+        run.lock()  # one writer per run folder (before anything is written; a refusal removes nothing)
+    try:
+        run.refuse_if_lost("--resume" if resume else "--out")
+        if resume and state is None and not run.has_checkpoint():
+            resume = False
+        try:
+            trainer = (Trainer.resume(setup, run.path, state, at) if resume
+                       else Trainer.create(setup, run.path, parts))
+            if at is not None:  # the new position, before anything else: a plain --resume continues from it
+                trainer.save()
+        except BaseException:
+            if fresh:
+                run.unlock()
+                shutil.rmtree(run.path, ignore_errors=True)
+            raise
+        try:
+            final = trainer.fit(stop_at=stop_at, progress=progress)
+        except OSError as e:  # disk full, no permission: say how to go on once there is room
+            if run.has_checkpoint():
+                e.resume = f"cadence train --resume {run}"
+            raise
+        if setup.dist.main:
+            from cadence import report
 
-        with Signals():  # training is over and saved: a Ctrl-C now must not leave a half-written report
-            report.write_run_report(run.path)
-    return trainer, final
+            with Signals():  # training is over and saved: a Ctrl-C now must not leave a half-written report
+                report.write_run_report(run.path)
+        return trainer, final
+    finally:
+        run.unlock()

@@ -3,6 +3,8 @@ image files through one persistent DataLoader) and the held-out batches."""
 
 from __future__ import annotations
 
+import signal
+
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -91,6 +93,21 @@ class _Batches(Sampler):
         return len(self.batches)
 
 
+def leave_signals_to_the_main_process(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT and their first SIGTERM. A signal to the whole process group
+    (Ctrl-C in a terminal, ``scancel``, systemd, ``timeout``) reaches them too, and a worker that died
+    of it would end the epoch with "DataLoader worker killed by signal" before the main process could
+    finish its step and write a checkpoint. A second SIGTERM -- the main process stopping a worker
+    that did not stop when asked -- ends the worker; if the main process is killed outright, torch's
+    watchdog in each worker sees its parent gone and exits."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _next_sigterm_ends_the_worker)
+
+
+def _next_sigterm_ends_the_worker(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 class FileLoader:
     """The training batches of a folder of image files, one DataLoader for the whole run: worker
     processes persist across epochs and stages (a stage change only changes the size each item
@@ -101,7 +118,8 @@ class FileLoader:
         roots = [root for _, root in source.copies]
         self.loader = DataLoader(CropDecode(source.train.items, source.flip, roots), batch_sampler=self.batches,
                                  num_workers=num_workers, collate_fn=collate_good, pin_memory=pin_memory,
-                                 persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None)
+                                 persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None,
+                                 worker_init_fn=leave_signals_to_the_main_process)
 
     def epoch(self, sampler: EpochSampler, resolution: int, local_batch: int, drop_last: bool, copy: int = 0):
         indices, keys = sampler.keyed()
@@ -189,5 +207,6 @@ def eval_loader(source: Source, resolution: int, batch_size: int, num_workers: i
         return [(resize_batch(images[indices[b: b + batch_size]], resolution), labels[indices[b: b + batch_size]])
                 for b in range(0, len(indices), batch_size)]
     ds = EvalDecode([source.val.items[i] for i in indices], eval_transform(source, resolution))
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_good)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_good,
+                        worker_init_fn=leave_signals_to_the_main_process)
     return ((x, y) for x, y, _ in loader if len(y))

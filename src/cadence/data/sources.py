@@ -103,6 +103,36 @@ def _synthetic(cfg: DataConfig) -> Source:
 BAD_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
+def _image_files(folder: str, bad: list | None) -> list[str]:
+    """The image files under ``folder`` in ``sorted(os.walk(folder))`` order (links to folders are not
+    followed). Only regular files: a FIFO, socket or device named like an image would hang or fail on
+    open, so it is listed in ``bad`` instead. Uses the directory entries' types, no extra stat."""
+    per_folder: dict[str, list[str]] = {}
+    todo = [folder]
+    while todo:
+        here = todo.pop()
+        names = per_folder.setdefault(here, [])
+        with os.scandir(here) as entries:
+            for e in entries:
+                if e.is_dir():
+                    if not e.is_symlink():
+                        todo.append(e.path)
+                elif e.name.lower().endswith(IMAGE_EXTENSIONS):
+                    if e.is_file():
+                        names.append(e.name)
+                    elif bad is not None:
+                        bad.append((e.path, "not a regular file"))
+    return [os.path.join(d, f) for d in sorted(per_folder) for f in sorted(per_folder[d])]
+
+
+def _class_mismatch(val_classes: list[str], classes: list[str]) -> str:
+    """What differs between a held-out split's class folders and train/'s, by name."""
+    extra, missing = sorted(set(val_classes) - set(classes)), sorted(set(classes) - set(val_classes))
+    parts = ([f"has classes train/ lacks: {', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}"] if extra else [])
+    parts += [f"lacks train/ classes: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"] if missing else []
+    return "; ".join(parts) or f"orders its classes differently from train/"
+
+
 def image_folder_paths(root: str, field: str, on_bad: str = "skip",
                        bad: list | None = None) -> tuple[list[tuple[str, int]], list[str]]:
     """``(path, class index)`` of every image under ``root/<class>/``. An empty class folder keeps
@@ -114,8 +144,7 @@ def image_folder_paths(root: str, field: str, on_bad: str = "skip",
         raise FieldError(field, root, "has no class folders (expected <root>/<class>/<image>)")
     items = []
     for k, c in enumerate(classes):
-        found = [(os.path.join(d, f), k) for d, _, files in sorted(os.walk(os.path.join(root, c)))
-                 for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        found = [(path, k) for path in _image_files(os.path.join(root, c), bad)]
         if not found:
             if on_bad == "error":
                 raise FieldError(field, os.path.join(root, c), "class folder holds no images "
@@ -223,7 +252,7 @@ def _cifar10(cfg: DataConfig) -> Source:
         va_images, va_labels, val_classes = decoded_folder(cfg, os.path.join(root, val_split), "data.val_split",
                                                            val_bad)
         if val_classes != classes:
-            raise FieldError("data.val_split", val_split, f"has classes {val_classes}, train/ has {classes}")
+            raise FieldError("data.val_split", val_split, _class_mismatch(val_classes, classes))
         bad += val_bad
         train, val = (_nchw(tr_images), torch.from_numpy(tr_labels)), (_nchw(va_images), torch.from_numpy(va_labels))
     else:
@@ -292,7 +321,7 @@ def _imagefolder(cfg: DataConfig) -> Source:
     val_items, val_classes = image_folder_paths(os.path.join(cfg.root, val_split), "data.val_split",
                                                  cfg.on_bad_image, bad)
     if val_classes != classes:
-        raise FieldError("data.val_split", val_split, f"has {len(val_classes)} classes, train/ has {len(classes)}")
+        raise FieldError("data.val_split", val_split, _class_mismatch(val_classes, classes))
     _first_readable(train_items, field, train_root)
     _first_readable(val_items, "data.val_split", os.path.join(cfg.root, val_split))
     return Source(FileImages(train_items), FileImages(val_items), num_classes=len(classes), channels=3,
