@@ -1,4 +1,3 @@
-from cadence import parts
 """What ``parts.keep_freed_memory`` is worth on CPU: the training-step rate, minor page faults per
 step and peak resident memory of a recipe's model at each stage's resolution, with glibc's default
 malloc settings against cadence's (no mmap for large blocks, freed memory kept). A process-wide
@@ -20,11 +19,11 @@ from step_speed import fixed_batch_rate, stage_batch  # the same timed fixed-bat
 
 
 def measure(recipe_file: str, sets: list[str], stage: int, steps: int, default_malloc: bool) -> dict:
-    from cadence import train
+    from cadence import parts, train
     from cadence.recipe import load_recipe
 
     if default_malloc:
-        parts.keep_freed_memory = lambda: False  # prepare() calls it through the module
+        parts.keep_freed_memory = lambda: False  # build_setup() calls it through the module
     trainer = train.Trainer(parts.build_setup(load_recipe(recipe_file, sets), recipe_file), run_dir="")
     x, y = stage_batch(trainer, stage)
     batch = trainer.parts.normalize(x), y

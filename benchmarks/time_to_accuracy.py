@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 
-from cadence import parts, rundir, train
+from cadence import parts, rundir
 from cadence.recipe import load_recipe
 
 EVAL_ONLY = {"train.tta", "train.eval_batch_size"}  # keys that change evaluation, not training
@@ -78,9 +78,14 @@ def one_run(path: str, sets: list[str], seed: int, thresholds: list[float], run_
 
 def reevaluate(run_dir: str, sets: list[str]) -> float:
     """Top-1 of a finished run's last checkpoint, evaluated with ``sets`` applied to its recipe."""
-    recipe_file = os.path.join(run_dir, "recipe.yaml")
-    trainer = train.Trainer.resume(parts.build_setup(load_recipe(recipe_file, sets), recipe_file), run_dir)
-    return trainer.evaluate()["val_top1"]
+    from cadence import checkpoint
+    from cadence.evaluate import evaluate_recipe
+
+    run = rundir.RunDir(run_dir)
+    setup = parts.build_setup(load_recipe(run.recipe, sets), run.recipe)
+    built = parts.build_parts(setup)
+    built.load_weights(checkpoint.load(run.last))
+    return evaluate_recipe(built, setup)["val_top1"]
 
 
 def parse_ablation(text: str) -> tuple[str, list[str]]:

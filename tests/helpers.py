@@ -91,3 +91,31 @@ def image_folder(root, classes: int = 3, per_class: int = 6, size=(48, 36), fmt=
         for i in range(per_class):
             photo(10_000 * seed + 100 * c + i, *size).save(root / f"c{c}" / f"{i}.jpg", format=fmt, quality=90)
     return root
+
+
+# -- signals ---------------------------------------------------------------------------------------
+
+# TINY for 36 steps: long enough to be signalled mid-run
+LONG_TINY = {**TINY, "stages": [{"epochs": 6, "resolution": 12, "batch_size": 16, "data_fraction": 0.5},
+                                {"epochs": 6, "resolution": 16, "batch_size": 32}]}
+
+
+def signal_mid_run(args: list[str], metrics, sig: int, rows: int = 5, group: bool = False):
+    """Start ``cadence ARGS`` in a subprocess, send ``sig`` once ``metrics`` has ``rows`` lines (to its
+    whole process group with ``group``, as scancel does); returns ``(exit code, stderr)``."""
+    import signal as signals
+    import subprocess
+    import sys
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "cadence", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=group)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= rows):
+        time.sleep(0.05)
+    if group:
+        signals.killpg(p.pid, sig)
+    else:
+        p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    return p.returncode, err

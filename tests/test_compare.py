@@ -12,7 +12,7 @@ import pytest
 
 from cadence import cli, parts, rundir, train
 from cadence.recipe import load_recipe
-from helpers import ROOT, TINY, write_recipe
+from helpers import LONG_TINY, ROOT, TINY, signal_mid_run, write_recipe
 
 
 @pytest.mark.slow
@@ -153,25 +153,14 @@ def test_ctrl_c_during_a_study_exits_130_with_one_line_and_the_same_command_cont
     continues (with its --out), a checkpoint of the last step; run again, the study ends with weights
     bitwise equal to a run never stopped."""
     import signal
-    import subprocess
-    import sys
-    import time
 
     import torch
 
-    raw = {**TINY, "stages": [{"epochs": 6, "resolution": 12, "batch_size": 16, "data_fraction": 0.5},
-                              {"epochs": 6, "resolution": 16, "batch_size": 32}]}
-    recipe = write_recipe(tmp_path, raw)
+    recipe = write_recipe(tmp_path, LONG_TINY)
     out = tmp_path / "study"
-    p = subprocess.Popen([sys.executable, "-m", "cadence", "compare", recipe, "--out", str(out), "--quiet"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = out / "tiny-seed0" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
-        time.sleep(0.05)
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
+    code, err = signal_mid_run(["compare", recipe, "--out", str(out), "--quiet"], out / "tiny-seed0" / "metrics.jsonl",
+                               signal.SIGINT)
+    assert code == 130, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err
     assert lines[0].startswith("cadence: SIGINT at step ") and "checkpoint written" in lines[0]

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from cadence import data, rundir, train
+from cadence import data, rundir
 from helpers import TINY, image_folder, write_recipe
 
 pytestmark = pytest.mark.slow  # every test here trains, under torchrun (two processes) and alone

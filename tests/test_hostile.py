@@ -9,14 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import yaml
 
 from cadence import cli, rundir
-from helpers import TINY, image_folder, write_recipe
+from helpers import TINY, image_folder, signal_mid_run, write_recipe
 
 
 def _one_line(capsys, *words: str) -> str:
@@ -90,7 +89,7 @@ def test_a_run_that_lost_its_checkpoint_is_refused_not_restarted(stopped, capsys
 
 
 def test_a_run_killed_before_its_first_checkpoint_still_starts_again(tmp_path, capsys):
-    recipe, run = write_recipe(tmp_path, TINY), tmp_path / "run"
+    run = tmp_path / "run"
     run.mkdir()
     (run / "recipe.yaml").write_text(yaml.safe_dump(TINY))
     (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "loss": 1.0}) + "\n")
@@ -133,14 +132,9 @@ def test_sigterm_to_the_process_group_with_loader_workers_checkpoints_and_exits_
     raw = {**TINY, "data": {"source": "imagefolder", "root": str(tmp_path / "d"), "num_workers": 1},
            "stages": [{"epochs": 20, "resolution": 16, "batch_size": 4}], "train": {"device": "cpu"}}
     recipe, run = write_recipe(tmp_path, raw), tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "cadence", "train", recipe, "--out", str(run), "--quiet"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    metrics, deadline = run / "metrics.jsonl", time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        time.sleep(0.05)
-    os.killpg(p.pid, signal.SIGTERM)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 143, err
+    code, err = signal_mid_run(["train", recipe, "--out", str(run), "--quiet"], run / "metrics.jsonl", signal.SIGTERM,
+                               rows=3, group=True)
+    assert code == 143, err
     assert "SIGTERM at step" in err and "--resume" in err and "Traceback" not in err
     saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"]
     assert saved >= 3 and max(r["step"] for r in rundir.read_metrics(run)) == saved - 1

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from cadence import cli, lr_finder, parts, rundir, smoothing, train
+from cadence import cli, lr_finder, parts, rundir, smoothing
 from cadence.recipe import recipe_from_dict
 from helpers import TINY, write_recipe
 

@@ -17,7 +17,7 @@ from cadence.errors import FieldError
 from cadence.models import build_model
 from cadence.recipe import recipe_from_dict
 from cadence.report import read_plan_csv
-from helpers import ROOT, TINY, assert_same_state, run, train_rows, write_recipe
+from helpers import LONG_TINY, ROOT, TINY, signal_mid_run, assert_same_state, run, train_rows, write_recipe
 
 # The shared CIFAR-10 JPEGs: $CADENCE_CIFAR10_TAR, or ../shared/data beside the checkout (never in it).
 CIFAR_TAR = os.environ.get("CADENCE_CIFAR10_TAR") or next(
@@ -261,19 +261,11 @@ def test_no_weight_decay_on_norm_and_bias():
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_finishes_the_step_saves_and_resumes_exactly(tmp_path, sig):
-    raw = {**TINY, "stages": [{"epochs": 6, "resolution": 12, "batch_size": 16, "data_fraction": 0.5},
-                              {"epochs": 6, "resolution": 16, "batch_size": 32}]}
+    raw = LONG_TINY
     recipe = write_recipe(tmp_path, raw)
     run_dir = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "cadence", "train", recipe, "--out", str(run_dir), "--quiet"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
-        time.sleep(0.05)
-    p.send_signal(sig)
-    out, err = p.communicate(timeout=120)
-    assert p.returncode == 128 + sig, err
+    code, err = signal_mid_run(["train", recipe, "--out", str(run_dir), "--quiet"], run_dir / "metrics.jsonl", sig)
+    assert code == 128 + sig, err
     assert "--resume" in err and "Traceback" not in err
     saved = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
     steps_logged = [r["step"] for r in rundir.read_metrics(str(run_dir)) if "val_top1" not in r]

@@ -156,7 +156,7 @@ def _result_line(result: dict, elapsed: float | None = None) -> str:
 
 def cmd_eval(args) -> int:
     from cadence import checkpoint, parts
-    from cadence.evaluate import evaluate
+    from cadence.evaluate import evaluate_recipe
     from cadence.recipe import load_recipe
     from cadence.rundir import RunDir
 
@@ -169,9 +169,7 @@ def cmd_eval(args) -> int:
     state = checkpoint.load(run.last)
     built = parts.build_parts(setup)
     built.load_weights(state)
-    r = setup.recipe
-    result = evaluate(built, setup.source, args.resolution or r.eval_resolution, batch_size=r.train.eval_batch_size,
-                      tta=r.train.tta, workers=r.data.workers(), rank=setup.dist.rank, world=setup.dist.world)
+    result = evaluate_recipe(built, setup, args.resolution)
     print(_result_line(result) + f" (checkpoint at step {state['step']:,})")
     return 0
 

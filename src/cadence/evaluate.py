@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from cadence import data, distributed
-from cadence.parts import Parts
+from cadence.parts import Parts, Setup
 
 
 @torch.no_grad()
@@ -39,3 +39,11 @@ def evaluate(parts: Parts, source: data.Source, resolution: int, *, batch_size: 
     if source.num_classes > 5:
         out["val_top5"] = correct5 / total
     return out
+
+
+def evaluate_recipe(parts: Parts, setup: Setup, resolution: int | None = None) -> dict:
+    """``evaluate`` as the recipe says: its evaluation resolution (unless ``resolution``), batch size,
+    TTA and workers, on this process's share of the held-out set."""
+    r = setup.recipe
+    return evaluate(parts, setup.source, resolution or r.eval_resolution, batch_size=r.train.eval_batch_size,
+                    tta=r.train.tta, workers=r.data.workers(), rank=setup.dist.rank, world=setup.dist.world)

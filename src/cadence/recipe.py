@@ -228,8 +228,8 @@ class Recipe:
 
 
 def _join(path: str, name: object) -> str:
-    if not (isinstance(name, int) or isinstance(name, str) and name.strip()):
-        name = repr(name)  # an empty or blank key, None, a float: still visible in the error
+    if not (isinstance(name, int) or isinstance(name, str) and name.strip() and name.isprintable()):
+        name = repr(name)  # an empty, blank or multi-line key, None, a float: visible, on one line
     return f"{path}.{name}" if path else str(name)
 
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from cadence import checkpoint, data, distributed, files
 from cadence.errors import FieldError, Interrupted
-from cadence.evaluate import evaluate
+from cadence.evaluate import evaluate_recipe
 from cadence.guard import NonFiniteGuard
 from cadence.parts import Parts, Setup, build_parts
 from cadence.plan import epoch_samples
@@ -184,9 +184,7 @@ class Trainer:
 
     def evaluate(self, resolution: int | None = None) -> dict:
         """Held-out loss, top-1 and top-5 at ``resolution`` px (default: the recipe's)."""
-        r = self.recipe
-        return evaluate(self.parts, self.source, resolution or r.eval_resolution, batch_size=r.train.eval_batch_size,
-                        tta=r.train.tta, workers=r.data.workers(), rank=self.rank, world=self.world)
+        return evaluate_recipe(self.parts, self.setup, resolution)
 
     def fit(self, stop_at: int | None = None, progress: bool = True) -> dict | None:
         """Train to the end of the timeline (or stop after global step ``stop_at``, resumable).

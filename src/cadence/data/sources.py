@@ -130,7 +130,7 @@ def _class_mismatch(val_classes: list[str], classes: list[str]) -> str:
     extra, missing = sorted(set(val_classes) - set(classes)), sorted(set(classes) - set(val_classes))
     parts = ([f"has classes train/ lacks: {', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}"] if extra else [])
     parts += [f"lacks train/ classes: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"] if missing else []
-    return "; ".join(parts) or f"orders its classes differently from train/"
+    return "; ".join(parts) or "orders its classes differently from train/"
 
 
 def image_folder_paths(root: str, field: str, on_bad: str = "skip",
