@@ -350,4 +350,6 @@ def train(setup: Setup, run_dir: str, *, resume: bool = False, stop_at: int | No
                 report.write_run_report(run.path)
         return trainer, final
     finally:
+        if "trainer" in locals():
+            trainer.data.close()
         run.unlock()

@@ -3,7 +3,9 @@ image files through one persistent DataLoader) and the held-out batches."""
 
 from __future__ import annotations
 
+import atexit
 import signal
+import weakref
 
 import torch
 from PIL import Image
@@ -93,6 +95,15 @@ class _Batches(Sampler):
         return len(self.batches)
 
 
+_OPEN: weakref.WeakSet = weakref.WeakSet()  # FileLoaders whose workers may still run
+
+
+@atexit.register  # registered after torch's multiprocessing import, so it runs before its exit hook
+def _close_open_loaders() -> None:
+    for loader in list(_OPEN):
+        loader.close()
+
+
 def leave_signals_to_the_main_process(worker_id: int) -> None:
     """DataLoader workers ignore SIGINT and their first SIGTERM. A signal to the whole process group
     (Ctrl-C in a terminal, ``scancel``, systemd, ``timeout``) reaches them too, and a worker that died
@@ -120,6 +131,17 @@ class FileLoader:
                                  num_workers=num_workers, collate_fn=collate_good, pin_memory=pin_memory,
                                  persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None,
                                  worker_init_fn=leave_signals_to_the_main_process)
+        _OPEN.add(self)
+
+    def close(self) -> None:
+        """Stop the worker processes now (torch's orderly shutdown). Called when training ends, and at
+        interpreter exit for loaders still open -- before multiprocessing's own exit hook, which would
+        only send them the SIGTERM they ignore once."""
+        it = getattr(self.loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self.loader._iterator = None
+        _OPEN.discard(self)
 
     def epoch(self, sampler: EpochSampler, resolution: int, local_batch: int, drop_last: bool, copy: int = 0):
         indices, keys = sampler.keyed()
@@ -165,6 +187,12 @@ class TrainData:
                                      on_bad=self._bad)
         return self._files.epoch(sampler, stage.resolution, local, self.cfg.drop_last,
                                  pick_copy(self.source.copies, stage.resolution))
+
+    def close(self) -> None:
+        """Stop the file loader's workers, if any (training is over)."""
+        if self._files is not None:
+            self._files.close()
+            self._files = None
 
     def _bad(self, bad: list) -> None:
         if self.cfg.on_bad_image == "error":
