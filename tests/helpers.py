@@ -103,7 +103,6 @@ LONG_TINY = {**TINY, "stages": [{"epochs": 6, "resolution": 12, "batch_size": 16
 def signal_mid_run(args: list[str], metrics, sig: int, rows: int = 5, group: bool = False):
     """Start ``cadence ARGS`` in a subprocess, send ``sig`` once ``metrics`` has ``rows`` lines (to its
     whole process group with ``group``, as scancel does); returns ``(exit code, stderr)``."""
-    import signal as signals
     import subprocess
     import sys
     import time
@@ -114,7 +113,7 @@ def signal_mid_run(args: list[str], metrics, sig: int, rows: int = 5, group: boo
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= rows):
         time.sleep(0.05)
     if group:
-        signals.killpg(p.pid, sig)
+        os.killpg(p.pid, sig)
     else:
         p.send_signal(sig)
     _, err = p.communicate(timeout=120)

@@ -204,6 +204,7 @@ def test_bad_images_are_skipped_counted_and_listed(tmp_path):
     assert final["val_top1"] in [k / 19 for k in range(20)]  # all 19 held-out images (c3's one too) evaluated
 
 
+@pytest.mark.slow  # its loader worker's shutdown takes seconds
 def test_bad_image_with_on_bad_image_error_names_the_file(tmp_path, capsys):
     bad_folder(tmp_path / "d")
     recipe = tmp_path / "r.yaml"

@@ -39,6 +39,7 @@ def stopped(tmp_path):
 # -- data loss or silent corruption ---------------------------------------------------------------
 
 
+@pytest.mark.slow  # trains TINY first
 def test_a_checkpoint_with_one_flipped_byte_is_refused_by_resume_eval_and_export(stopped, capsys):
     _, run = stopped
     last = run / "checkpoints" / "last.pt"
@@ -55,6 +56,7 @@ def test_a_checkpoint_with_one_flipped_byte_is_refused_by_resume_eval_and_export
     assert not (run / "model.safetensors").exists()
 
 
+@pytest.mark.slow  # trains TINY first
 def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holders_lock_is_gone(stopped, capsys):
     recipe, run = stopped
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from cadence.rundir import RunDir; "
@@ -72,6 +74,7 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holders_lock_
     assert cli.main(["train", "--resume", str(run), "--quiet"]) == 0
 
 
+@pytest.mark.slow  # trains TINY first
 @pytest.mark.parametrize("how", ["deleted", "dangling link"])
 def test_a_run_that_lost_its_checkpoint_is_refused_not_restarted(stopped, capsys, how):
     recipe, run = stopped
@@ -88,6 +91,7 @@ def test_a_run_that_lost_its_checkpoint_is_refused_not_restarted(stopped, capsys
     assert {name: (run / name).read_bytes() for name in before} == before
 
 
+@pytest.mark.slow  # trains TINY first
 def test_a_run_killed_before_its_first_checkpoint_still_starts_again(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
@@ -97,6 +101,7 @@ def test_a_run_killed_before_its_first_checkpoint_still_starts_again(tmp_path, c
     assert "stopped before its first checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # trains TINY first
 @pytest.mark.parametrize("kind", ["symlink", "fifo", "folder"])
 def test_export_writes_only_regular_files(stopped, tmp_path, capsys, kind):
     _, run = stopped
@@ -140,6 +145,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_checkpoints_and_exits_
     assert saved >= 3 and max(r["step"] for r in rundir.read_metrics(run)) == saved - 1
 
 
+@pytest.mark.slow  # trains TINY first
 def test_a_full_disk_while_checkpointing_is_one_line_naming_the_file(stopped, capsys, monkeypatch):
     """The state is serialised in memory, so a full disk fails in a plain write (ENOSPC), not in
     torch's zip writer; the previous checkpoint stays whole."""
@@ -168,6 +174,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_naming_the_file(stopped, ca
 
 @pytest.mark.parametrize("content", [{}, [1, 2], torch.ones(3), {"model": {}, "step": 3},
                                      "absurd step", "nan weights"])
+@pytest.mark.slow  # trains TINY first
 def test_files_that_load_but_are_not_cadence_checkpoints_are_one_line(stopped, capsys, content):
     _, run = stopped
     last = run / "checkpoints" / "last.pt"
@@ -185,6 +192,7 @@ def test_files_that_load_but_are_not_cadence_checkpoints_are_one_line(stopped, c
     _one_line(capsys, "last.pt")
 
 
+@pytest.mark.slow  # trains TINY first
 def test_a_malicious_pickle_names_the_blocked_global_and_never_suggests_turning_the_check_off(stopped,
                                                                                              capsys):
     _, run = stopped
@@ -200,6 +208,7 @@ def test_a_malicious_pickle_names_the_blocked_global_and_never_suggests_turning_
     assert "weights_only=False" not in line and "weights_only` set to `False" not in line
 
 
+@pytest.mark.slow  # trains TINY first
 def test_a_damaged_metrics_line_is_one_line_naming_file_and_line(stopped, capsys):
     _, run = stopped
     lines = (run / "metrics.jsonl").read_text().splitlines()
@@ -211,6 +220,7 @@ def test_a_damaged_metrics_line_is_one_line_naming_file_and_line(stopped, capsys
         _one_line(capsys, "metrics.jsonl", "line 2")
 
 
+@pytest.mark.slow  # trains TINY first
 def test_a_fifo_as_the_checkpoint_is_refused_without_hanging(stopped, capsys):
     _, run = stopped
     last = run / "checkpoints" / "last.pt"
@@ -252,6 +262,7 @@ def test_plan_outputs_to_bad_paths_are_one_line(tmp_path, capsys):
         _one_line(capsys, flag, "cannot write")
 
 
+@pytest.mark.slow  # trains TINY first
 def test_compare_counts_a_run_once_and_refuses_an_unfinished_one(stopped, capsys):
     _, run = stopped
     assert cli.main(["compare", str(run), str(run), "--out", str(run.parent / "c")]) == 2
@@ -269,6 +280,7 @@ def test_val_classes_that_train_lacks_are_named(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow  # trains TINY first
 def test_an_absurd_resolution_says_how_much_memory_it_wanted(tmp_path, capsys):
     raw = {**TINY, "stages": [{"epochs": 1, "resolution": 200_000, "batch_size": 16}]}
     recipe = write_recipe(tmp_path, raw)

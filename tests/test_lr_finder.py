@@ -96,6 +96,7 @@ def test_range_test_counts_a_non_finite_loss_as_the_edge(tmp_path):
         lr_finder.suggest(lrs, got, diverged=stopped)
 
 
+@pytest.mark.slow
 def test_lr_auto_with_adamw_says_the_pick_is_an_upper_bound(tmp_path, capsys):
     raw = copy.deepcopy(TINY)
     raw["optimizer"] |= {"name": "adamw", "lr": "auto", "lr_find": {"steps": 30, "start": 1e-5, "end": 100}}

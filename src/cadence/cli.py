@@ -199,7 +199,6 @@ def cmd_report(args) -> int:
 
 def cmd_find_lr(args) -> int:
     from cadence import lr_finder, parts, report
-    from cadence.plan import lr_scale
     from cadence.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.sets)
@@ -222,24 +221,7 @@ def cmd_find_lr(args) -> int:
                                           progress=not args.quiet) for k in stages]
     if not setup.dist.main:
         return 0
-    o = recipe.optimizer
-    for res in results:
-        head = f"stage {res.stage} ({res.resolution}px, batch {res.batch_size}, {len(res.lrs)} steps"
-        head += ", stopped at divergence)" if res.stopped_early else ")"
-        if res.suggestions is None:
-            print(f"{head}: no suggestion: {res.error}")
-            continue
-        s = res.suggestions
-        ref = o.reference_batch_size or recipe.stages[0].batch_size
-        at_ref = s.recommended / lr_scale(res.batch_size, ref, o.lr_scaling)
-        print(f"{head}: steepest {s.steepest:.3g}, minimum/10 {s.minimum_div_10:.3g}, valley {s.valley:.3g}, "
-              f"loss climbs away from {s.edge:.3g}"
-              f"\n  recommended one-cycle max_lr {s.recommended:.3g} (a tenth of that) at batch {res.batch_size}"
-              f" (optimizer.lr: {at_ref:.3g} at reference batch {ref}, lr_scaling {o.lr_scaling})")
-    note = lr_finder.caveat(o.name)
-    if note and any(res.suggestions for res in results):
-        print(f"  note: {note}")
-    os.makedirs(args.out, exist_ok=True)
+    print("\n".join(lr_finder.summary_lines(results, recipe)))
     csv_path, png_path = os.path.join(args.out, "lr_find.csv"), os.path.join(args.out, "lr_find.png")
     report.write_range_csv(results, csv_path)
     report.plot_range_test(results, png_path, title=f"{recipe.name}: LR range test")

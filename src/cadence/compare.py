@@ -126,7 +126,7 @@ def compare_runs(runs: list[str], out: str, thresholds: tuple[float, ...] = (),
             raise FieldError("ITEMS", d, "is given twice: each run counts once")
         seen.add(os.path.realpath(d))
         if not os.path.exists(run.metrics) or not run.has_recipe():
-            raise FieldError("ITEMS", d, "is not a run directory (no metrics.jsonl or recipe.yaml)")
+            raise FieldError("ITEMS", d, "is not a finished run directory (no metrics.jsonl or recipe.yaml)")
         steps = len(load_recipe(run.recipe).timeline())
         if not finished(run, steps):
             raise FieldError("ITEMS", d, f"is not finished (no evaluation after its last step, {steps:,}): its "

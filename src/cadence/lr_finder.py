@@ -134,6 +134,32 @@ def caveat(optimizer: str) -> str:
     return ""
 
 
+def summary_lines(results: list[RangeResult], recipe) -> list[str]:
+    """What ``cadence find-lr`` prints: per stage, the rules' LRs and the recommended peak, also as
+    ``optimizer.lr`` at the recipe's reference batch; then the optimizer's caveat, if any."""
+    from cadence.plan import lr_scale
+
+    o, lines = recipe.optimizer, []
+    for res in results:
+        head = f"stage {res.stage} ({res.resolution}px, batch {res.batch_size}, {len(res.lrs)} steps"
+        head += ", stopped at divergence)" if res.stopped_early else ")"
+        if res.suggestions is None:
+            lines.append(f"{head}: no suggestion: {res.error}")
+            continue
+        s = res.suggestions
+        ref = o.reference_batch_size or recipe.stages[0].batch_size
+        at_ref = s.recommended / lr_scale(res.batch_size, ref, o.lr_scaling)
+        lines.append(f"{head}: steepest {s.steepest:.3g}, minimum/10 {s.minimum_div_10:.3g}, valley {s.valley:.3g}, "
+                     f"loss climbs away from {s.edge:.3g}")
+        lines.append(f"  recommended one-cycle max_lr {s.recommended:.3g} (a tenth of that) at batch "
+                     f"{res.batch_size} (optimizer.lr: {at_ref:.3g} at reference batch {ref}, lr_scaling "
+                     f"{o.lr_scaling})")
+    note = caveat(o.name)
+    if note and any(res.suggestions for res in results):
+        lines.append(f"  note: {note}")
+    return lines
+
+
 def lr_at(i: int, steps: int, start: float, end: float, mode: str) -> float:
     """The ``i``-th of ``steps`` LRs from ``start`` to ``end``, exponentially or linearly spaced."""
     t = i / max(steps - 1, 1)
