@@ -21,11 +21,6 @@ def _set_arg(p: argparse.ArgumentParser, help: str = "override a recipe field, e
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help=help)
 
 
-def _say(main: bool):
-    """``print`` to stderr on rank 0; nothing on other ranks."""
-    return (lambda *a: print(*a, file=sys.stderr)) if main else (lambda *a: None)
-
-
 def cmd_plan(args) -> int:
     from cadence.recipe import load_recipe
     from cadence import report
@@ -93,48 +88,23 @@ def _resolve_recipe(args):
 
 
 def cmd_train(args) -> int:
-    from cadence import distributed, parts, train
-    from cadence.compare import auto_lr_line
+    from cadence import distributed, train
     from cadence.rundir import RunDir
 
     if args.max_steps is not None and args.max_steps < 1:
         raise FieldError("--max-steps", args.max_steps, "must be >= 1")
     recipe, recipe_file = _resolve_recipe(args)
-    setup = parts.build_setup(recipe, recipe_file)
-    run = RunDir(args.resume or args.out or RunDir.default(recipe.name))
-    if not args.resume and run.has_checkpoint():
-        raise FieldError("--out", run.path, "already holds a run (use --resume to continue it)")
-    run.refuse_if_lost("--resume" if args.resume else "--out")
-    if args.resume and setup.dist.main:
-        run.lock()  # before the recipe check below writes anything into the run
-    if not args.resume and (why := run.cannot_create()):
-        raise FieldError("--out", run.path, f"cannot create it: {why}")
-    say = _say(setup.dist.main)
-    state, at, built = None, None, None
-    if args.resume and run.has_checkpoint():  # read (and vet) the checkpoint before saying or doing anything
-        from cadence import changes, checkpoint
-
-        state = checkpoint.load(run.last)
-        at = changes.reconcile(state, setup.recipe, setup.timeline, run.path, args.on_recipe_change,
-                               recipe_file=recipe_file, train_samples=len(setup.source.train),
-                               world_size=setup.dist.world, write=setup.dist.main)
-    elif args.resume:
-        say(f"cadence: {run} was stopped before its first checkpoint: training it from step 0")
-    if recipe.optimizer.lr == "auto":
-        setup, built = train.find_auto_lr(setup, recipe_file, progress=not args.quiet and setup.dist.main)
-        say(auto_lr_line(setup.recipe))
-    ranks = f" x {setup.dist.world} ranks" if setup.dist.active else ""
-    say(f"{recipe.name}: {len(setup.timeline):,} steps over {len(recipe.stages)} stage(s) on "
-        f"{setup.device}{ranks}; run directory {run}")
+    run = args.resume or args.out or RunDir.default(recipe.name).path
     try:
-        trainer, final = train.train(setup, run.path, resume=bool(args.resume), stop_at=args.max_steps,
-                                     progress=not args.quiet, state=state, at=at, parts=built)
+        trainer, final = train.launch(recipe, recipe_file, run, resume=bool(args.resume), stop_at=args.max_steps,
+                                      on_recipe_change=args.on_recipe_change, progress=not args.quiet,
+                                      say=lambda line: print(line, file=sys.stderr))
     finally:
         distributed.shutdown()
-    if not setup.dist.main:
+    if not trainer.main:
         return 0
     if final is None:
-        print(f"stopped after step {trainer.step:,} of {len(setup.timeline):,}; continue with: "
+        print(f"stopped after step {trainer.step:,} of {len(trainer.timeline):,}; continue with: "
               f"cadence train --resume {run}")
         return 0
     print(_result_line(final, trainer.elapsed))

@@ -353,3 +353,40 @@ def train(setup: Setup, run_dir: str, *, resume: bool = False, stop_at: int | No
         if "trainer" in locals():
             trainer.data.close()
         run.unlock()
+
+
+def launch(recipe, recipe_file: str | None, run_dir: str, *, resume: bool = False, on_recipe_change: str | None = None,
+           stop_at: int | None = None, progress: bool = True, say=lambda line: None) -> tuple[Trainer, dict | None]:
+    """What ``cadence train`` does after reading the recipe: check it against data and machine; for a
+    new run, refuse a folder that holds one; for ``resume``, take the folder's lock, read and vet the
+    checkpoint and reconcile a changed recipe (``on_recipe_change``); resolve ``optimizer.lr: auto``;
+    then train. ``say`` gets the lines a user reads on stderr (rank 0 only)."""
+    from cadence import changes
+    from cadence.compare import auto_lr_line
+    from cadence.parts import build_setup
+
+    setup = build_setup(recipe, recipe_file)
+    say = say if setup.dist.main else (lambda line: None)
+    run = RunDir(run_dir)
+    if not resume and run.has_checkpoint():
+        raise FieldError("--out", run.path, "already holds a run (use --resume to continue it)")
+    run.refuse_if_lost("--resume" if resume else "--out")
+    if not resume and (why := run.cannot_create()):
+        raise FieldError("--out", run.path, f"cannot create it: {why}")
+    state, at, built = None, None, None
+    if resume and setup.dist.main:
+        run.lock()  # before the recipe check below writes anything into the run
+    if resume and run.has_checkpoint():  # read (and vet) the checkpoint before saying or doing anything
+        state = checkpoint.load(run.last)
+        at = changes.reconcile(state, setup.recipe, setup.timeline, run.path, on_recipe_change,
+                               recipe_file=recipe_file, train_samples=len(setup.source.train),
+                               world_size=setup.dist.world, write=setup.dist.main)
+    elif resume:
+        say(f"cadence: {run} was stopped before its first checkpoint: training it from step 0")
+    if recipe.optimizer.lr == "auto":
+        setup, built = find_auto_lr(setup, recipe_file, progress=progress and setup.dist.main)
+        say(auto_lr_line(setup.recipe))
+    ranks = f" x {setup.dist.world} ranks" if setup.dist.active else ""
+    say(f"{recipe.name}: {len(setup.timeline):,} steps over {len(recipe.stages)} stage(s) on "
+        f"{setup.device}{ranks}; run directory {run}")
+    return train(setup, run.path, resume=resume, stop_at=stop_at, progress=progress, state=state, at=at, parts=built)
