@@ -24,22 +24,12 @@ def as_recorded(recipe: Recipe, run_recipe: Recipe) -> Recipe:
     return with_lr(recipe, run_recipe.optimizer.lr) if recipe.optimizer.lr == "auto" else recipe
 
 
-def auto_lr_line(recipe: Recipe) -> str:
-    """The line that says which peak LR the range test of ``optimizer.lr: auto`` chose (``recipe``
-    holds it now), with the caveat for the optimizer, if any."""
-    from cadence import lr_finder
-
-    note = lr_finder.caveat(recipe.optimizer.name)
-    return (f"optimizer.lr: auto -> {recipe.optimizer.lr:.4g} (LR range test on stage 0)"
-            + (f"; note: {note}" if note else ""))
-
-
 def train_study(recipe_files: list[str], out: str, *, seeds: int = 1, sets: list[str] = (),
                 progress: bool = True, say: Callable[[str], None] = print) -> list[str]:
     """Train every recipe for seeds ``0..seeds-1`` into ``out/<name>-seed<k>``, seed by seed (a study
     cut short has every recipe at seed 0 first). All bad input is found before any training. Returns
     the run folders. A folder holding a different recipe's run is refused (FieldError)."""
-    from cadence import parts, train
+    from cadence import lr_finder, parts, train
 
     sets = list(sets)
     loaded = [load_recipe(p, sets) for p in recipe_files]
@@ -64,7 +54,7 @@ def train_study(recipe_files: list[str], out: str, *, seeds: int = 1, sets: list
                 built = None
                 if not started and recipe.optimizer.lr == "auto":
                     setup, built = train.find_auto_lr(setup, p, progress=progress)
-                    say(f"{run}: {auto_lr_line(setup.recipe)}")
+                    say(f"{run}: {lr_finder.auto_lr_line(setup.recipe)}")
                 train.train(setup, run.path, resume=started, progress=progress, parts=built)
             runs.append(run.path)
     return runs

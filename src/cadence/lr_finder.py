@@ -134,6 +134,14 @@ def caveat(optimizer: str) -> str:
     return ""
 
 
+def auto_lr_line(recipe) -> str:
+    """The line that says which peak LR the range test of ``optimizer.lr: auto`` chose (``recipe``
+    holds it now), with the caveat for the optimizer, if any."""
+    note = caveat(recipe.optimizer.name)
+    return (f"optimizer.lr: auto -> {recipe.optimizer.lr:.4g} (LR range test on stage 0)"
+            + (f"; note: {note}" if note else ""))
+
+
 def summary_lines(results: list[RangeResult], recipe) -> list[str]:
     """What ``cadence find-lr`` prints: per stage, the rules' LRs and the recommended peak, also as
     ``optimizer.lr`` at the recipe's reference batch; then the optimizer's caveat, if any."""

@@ -362,7 +362,7 @@ def launch(recipe, recipe_file: str | None, run_dir: str, *, resume: bool = Fals
     checkpoint and reconcile a changed recipe (``on_recipe_change``); resolve ``optimizer.lr: auto``;
     then train. ``say`` gets the lines a user reads on stderr (rank 0 only)."""
     from cadence import changes
-    from cadence.compare import auto_lr_line
+    from cadence.lr_finder import auto_lr_line
     from cadence.parts import build_setup
 
     setup = build_setup(recipe, recipe_file)
