@@ -105,6 +105,7 @@ def test_reduced_decode_matches_full_decode_crop(tmp_path):
     assert np.mean(diffs) < 2.0 and max(diffs) < 4.0  # of 255: invisible
 
 
+@pytest.mark.slow
 def test_file_loader_keeps_its_workers_across_stages(tmp_path):
     """One DataLoader for the run: its worker processes survive an epoch and a resolution change."""
     root = image_folder(tmp_path / "train")

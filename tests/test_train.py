@@ -335,6 +335,7 @@ def test_weight_ema_follows_its_recurrence_is_evaluated_and_resumes_exactly(tmp_
         {k: v for k, v in final.items() if k not in ("time", "wall")}
 
 
+@pytest.mark.slow
 def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror():
     raw = {**TINY, "train": {**TINY["train"], "tta": "flip"}}
     trainer = train.Trainer(parts.build_setup(recipe_from_dict(raw)), run_dir="")
@@ -356,6 +357,7 @@ def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror():
         parts.build_setup(recipe_from_dict(digits))
 
 
+@pytest.mark.slow
 def test_patch_whitening_stem_decorrelates_patches_and_stays_frozen():
     raw = {**TINY, "model": {"arch": "fastnet", "width": 8, "whiten": True}}
     trainer = train.Trainer(parts.build_setup(recipe_from_dict(raw)), run_dir="")
