@@ -264,9 +264,12 @@ def test_plan_outputs_to_bad_paths_are_one_line(tmp_path, capsys):
 
 @pytest.mark.slow  # trains TINY first
 def test_compare_counts_a_run_once_and_refuses_an_unfinished_one(stopped, capsys):
-    _, run = stopped
+    recipe, run = stopped
     assert cli.main(["compare", str(run), str(run), "--out", str(run.parent / "c")]) == 2
     _one_line(capsys, "given twice")
+    assert cli.main(["compare", recipe, recipe, "--out", str(run.parent / "c")]) == 2
+    _one_line(capsys, "given twice")
+    assert not (run.parent / "c").exists()
     assert cli.main(["compare", str(run), "--out", str(run.parent / "c")]) == 2
     _one_line(capsys, "not finished", "--resume")
 

@@ -216,10 +216,6 @@ def cmd_compare(args) -> int:
 
     runs = [p for p in args.items if os.path.isdir(p)]
     recipes = [p for p in args.items if not os.path.isdir(p)]
-    twice = next((p for i, p in enumerate(args.items) if os.path.realpath(p) in map(os.path.realpath, args.items[:i])),
-                 None)
-    if twice is not None:
-        raise FieldError("ITEMS", twice, "is given twice: each recipe or run counts once")
     if runs and recipes:
         raise FieldError("ITEMS", args.items, "give recipes or run directories, not both")
     out = args.out or os.path.join("runs", "compare-" + time.strftime("%Y%m%d-%H%M%S"))

@@ -24,6 +24,15 @@ def as_recorded(recipe: Recipe, run_recipe: Recipe) -> Recipe:
     return with_lr(recipe, run_recipe.optimizer.lr) if recipe.optimizer.lr == "auto" else recipe
 
 
+def _each_once(paths: list[str]) -> None:
+    """FieldError if a recipe or run folder is given twice (each counts once in a comparison)."""
+    seen = set()
+    for p in paths:
+        if os.path.realpath(p) in seen:
+            raise FieldError("ITEMS", p, "is given twice: each recipe or run counts once")
+        seen.add(os.path.realpath(p))
+
+
 def train_study(recipe_files: list[str], out: str, *, seeds: int = 1, sets: list[str] = (),
                 progress: bool = True, say: Callable[[str], None] = print) -> list[str]:
     """Train every recipe for seeds ``0..seeds-1`` into ``out/<name>-seed<k>``, seed by seed (a study
@@ -31,6 +40,7 @@ def train_study(recipe_files: list[str], out: str, *, seeds: int = 1, sets: list
     the run folders. A folder holding a different recipe's run is refused (FieldError)."""
     from cadence import lr_finder, parts, train
 
+    _each_once(recipe_files)
     sets = list(sets)
     loaded = [load_recipe(p, sets) for p in recipe_files]
     for r, p in zip(loaded, recipe_files):
@@ -109,12 +119,9 @@ def compare_runs(runs: list[str], out: str, thresholds: tuple[float, ...] = (),
     every recipe's time to reach its mean final top-1 is reported."""
     from cadence import report
 
-    seen = set()
+    _each_once(runs)
     for d in runs:
         run = RunDir(d)
-        if os.path.realpath(d) in seen:
-            raise FieldError("ITEMS", d, "is given twice: each run counts once")
-        seen.add(os.path.realpath(d))
         if not os.path.exists(run.metrics) or not run.has_recipe():
             raise FieldError("ITEMS", d, "is not a finished run directory (no metrics.jsonl or recipe.yaml)")
         steps = len(load_recipe(run.recipe).timeline())

@@ -323,6 +323,7 @@ def train(setup: Setup, run_dir: str, *, resume: bool = False, stop_at: int | No
     fresh = not resume and not os.path.exists(run.path)
     if setup.dist.main:
         run.lock()  # one writer per run folder (before anything is written; a refusal removes nothing)
+    trainer = None
     try:
         run.refuse_if_lost("--resume" if resume else "--out")
         if resume and state is None and not run.has_checkpoint():
@@ -350,7 +351,7 @@ def train(setup: Setup, run_dir: str, *, resume: bool = False, stop_at: int | No
                 report.write_run_report(run.path)
         return trainer, final
     finally:
-        if "trainer" in locals():
+        if trainer is not None:
             trainer.data.close()
         run.unlock()
 
@@ -370,22 +371,26 @@ def launch(recipe, recipe_file: str | None, run_dir: str, *, resume: bool = Fals
     run = RunDir(run_dir)
     if not resume and run.has_checkpoint():
         raise FieldError("--out", run.path, "already holds a run (use --resume to continue it)")
-    run.refuse_if_lost("--resume" if resume else "--out")
+    run.refuse_if_lost("--resume" if resume else "--out")  # (train() checks again; here: before any range test)
     if not resume and (why := run.cannot_create()):
         raise FieldError("--out", run.path, f"cannot create it: {why}")
     state, at, built = None, None, None
     if resume and setup.dist.main:
         run.lock()  # before the recipe check below writes anything into the run
-    if resume and run.has_checkpoint():  # read (and vet) the checkpoint before saying or doing anything
-        state = checkpoint.load(run.last)
-        at = changes.reconcile(state, setup.recipe, setup.timeline, run.path, on_recipe_change,
-                               recipe_file=recipe_file, train_samples=len(setup.source.train),
-                               world_size=setup.dist.world, write=setup.dist.main)
-    elif resume:
-        say(f"cadence: {run} was stopped before its first checkpoint: training it from step 0")
-    if recipe.optimizer.lr == "auto":
-        setup, built = find_auto_lr(setup, recipe_file, progress=progress and setup.dist.main)
-        say(auto_lr_line(setup.recipe))
+    try:
+        if resume and run.has_checkpoint():  # read (and vet) the checkpoint before saying or doing anything
+            state = checkpoint.load(run.last)
+            at = changes.reconcile(state, setup.recipe, setup.timeline, run.path, on_recipe_change,
+                                   recipe_file=recipe_file, train_samples=len(setup.source.train),
+                                   world_size=setup.dist.world, write=setup.dist.main)
+        elif resume:
+            say(f"cadence: {run} was stopped before its first checkpoint: training it from step 0")
+        if recipe.optimizer.lr == "auto":
+            setup, built = find_auto_lr(setup, recipe_file, progress=progress and setup.dist.main)
+            say(auto_lr_line(setup.recipe))
+    except BaseException:  # refused or stopped before training: the folder is free again (train() unlocks after)
+        run.unlock()
+        raise
     ranks = f" x {setup.dist.world} ranks" if setup.dist.active else ""
     say(f"{recipe.name}: {len(setup.timeline):,} steps over {len(recipe.stages)} stage(s) on "
         f"{setup.device}{ranks}; run directory {run}")
