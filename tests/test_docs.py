@@ -7,6 +7,7 @@ import os
 import re
 
 from cadence.recipe import DataConfig, ModelConfig, OptimizerConfig, TrainConfig
+from cadence.regularization import Regularization
 from helpers import ROOT
 
 SCHEDULE_KEYS = {"lr", "reference_batch_size", "lr_scaling"}  # documented in schedules.md
@@ -16,7 +17,7 @@ def test_docs_recipes_lists_every_key():
     text = open(os.path.join(ROOT, "docs", "recipes.md")).read()
     sections = dict(re.findall(r"## `(\w+)`\n(.*?)(?=\n## |\Z)", text, flags=re.S))
     for name, cls in (("model", ModelConfig), ("optimizer", OptimizerConfig), ("data", DataConfig),
-                      ("train", TrainConfig)):
+                      ("train", TrainConfig), ("regularization", Regularization)):
         documented = {k for row in re.findall(r"^\| (`.*?) \|", sections[name], flags=re.M)
                       for k in re.findall(r"`(\w+)`", row)}
         fields = {f.name for f in dataclasses.fields(cls)} - (SCHEDULE_KEYS if name == "optimizer" else set())

@@ -435,7 +435,9 @@ def test_cadence_plan_writes_png_and_csv(tmp_path, capsys):
         assert im.format == "PNG" and im.size[0] >= 800 and im.size[1] >= 600
     with open(out, newline="") as f:
         lines = f.read().splitlines()
-    assert lines[0] == "step,stage,epoch,resolution,batch_size,samples_seen,lr,momentum"
+    # the contract's columns first, then the regularization the recipe sets (train.label_smoothing: 0.1)
+    assert lines[0] == "step,stage,epoch,resolution,batch_size,samples_seen,lr,momentum,label_smoothing"
+    assert {line.rsplit(",", 1)[1] for line in lines[1:]} == {"0.1"}
     t = load_recipe(PROGRESSIVE).timeline()
     assert len(lines) - 1 == len(t) == 23766
     rows = list(csv.DictReader(lines))

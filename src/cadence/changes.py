@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 
 import yaml
@@ -21,6 +22,7 @@ import yaml
 from cadence.errors import FieldError
 from cadence.files import write_text_atomic
 from cadence.recipe import DataConfig, ModelConfig, OptimizerConfig, Recipe, TrainConfig, dump_recipe, recipe_from_dict
+from cadence.regularization import Regularization
 from cadence.rundir import RunDir
 
 POLICIES = ("keep-position", "stretch")
@@ -28,7 +30,7 @@ POLICIES = ("keep-position", "stretch")
 MODEL = ("model", "optimizer.name", "optimizer.decay_norm_and_bias", "data.source", "data.num_classes")
 FREE = ("name", "train", "data.root", "data.val_split", "data.val_samples", "data.download", "data.num_workers",
         "data.cache", "data.cache_dir", "data.prepared", "data.on_bad_image", "optimizer.weight_decay",
-        "optimizer.beta2", "optimizer.nesterov")
+        "optimizer.beta2", "optimizer.nesterov", "regularization", "stages.*.regularization")
 UNSET = "(unset)"
 
 
@@ -36,7 +38,7 @@ def _defaults() -> dict[str, object]:
     """Dotted path -> default, for keys a recipe may leave out (so 'unset' equals its default)."""
     out: dict[str, object] = {"seed": 0, "schedule.scope": "global", "schedule.progress": "steps"}
     for section, cls in (("data", DataConfig), ("model", ModelConfig), ("optimizer", OptimizerConfig),
-                         ("train", TrainConfig)):
+                         ("train", TrainConfig), ("regularization", Regularization)):
         for f in dataclasses.fields(cls):
             if f.default is not dataclasses.MISSING:
                 out[f"{section}.{f.name}"] = f.default
@@ -47,7 +49,8 @@ DEFAULTS = _defaults()
 
 
 def kind(path: str) -> str:
-    """``model``, ``free`` or ``schedule`` for a dotted field path."""
+    """``model``, ``free`` or ``schedule`` for a dotted field path (``stages.*`` stands for any stage)."""
+    path = re.sub(r"^stages\.\d+\.", "stages.*.", path)
     for name, prefixes in (("model", MODEL), ("free", FREE)):
         if any(path == p or path.startswith(p + ".") for p in prefixes):
             return name

@@ -254,21 +254,26 @@ def range_test_stage(setup, parts, stage: int = 0, *, start: float = 1e-6, end: 
     cycles momentum, the momentum the plan sets at each of its first steps. The suggestion rules are
     applied to the finite losses."""
     from cadence import data, distributed
+    from cadence.mixing import BatchMixer
     from cadence.plan import epoch_samples
 
     r, t = setup.recipe, setup.timeline
-    st = r.stages[stage]
+    st, reg = r.stages[stage], t.regularization[stage]
+    mixer, steps_done = BatchMixer(reg, r.seed), [0]
     train_data = data.TrainData(setup.source, r.data, seed=r.seed, rank=setup.dist.rank, world=setup.dist.world,
                                 pin_memory=setup.device.type == "cuda")
     n = epoch_samples(len(setup.source.train), st.data_fraction)
 
-    def step(x, y):
-        loss = parts.forward_backward(parts.normalize(x), y.to(parts.device))
+    def step(x, y):  # trains as the stage does: its augmentation, mixing (keyed like the plan's first steps)
+        x, y = mixer(parts.normalize(x), y.to(parts.device), steps_done[0])
+        steps_done[0] += 1
+        loss = parts.forward_backward(x, y)
         parts.update(ema=False)
         return distributed.mean_over_ranks(loss)
 
     momentum = (lambda i: t.momentum[min(i, len(t) - 1)]) if t.cycles_momentum else None
-    lrs, losses, stopped = range_test(parts, lambda epoch: train_data.epoch(st, epoch, n), step, start=start, end=end,
+    batches = lambda epoch: train_data.epoch(st, epoch, n, regularization=reg)  # noqa: E731
+    lrs, losses, stopped = range_test(parts, batches, step, start=start, end=end,
                                       steps=steps, mode=mode, diverge=diverge, momentum=momentum, progress=progress,
                                       desc=f"range test, stage {stage} {st.resolution}px")
     result = RangeResult(stage, st.resolution, st.batch_size, lrs, losses, stopped)

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from cadence import data, distributed, models
+from cadence import data, distributed, mixing, models
 from cadence.errors import FieldError
 from cadence.plan import Timeline
 from cadence.recipe import Recipe
@@ -106,7 +106,7 @@ class Parts:
     scheduler: StepScheduler
     scaler: torch.amp.GradScaler
     autocast: torch.autocast
-    criterion: nn.Module
+    criterion: nn.Module  # logits, labels or mixing.Targets -> loss
     normalize: Callable[[torch.Tensor], torch.Tensor]  # uint8 batch -> normalised float on the device
     device: torch.device
 
@@ -126,8 +126,9 @@ class Parts:
                 self.ema.module.load_state_dict(state["model"])
                 self.ema.n_averaged.zero_()
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Loss of a normalised batch, gradients (scaled under fp16) in ``.grad``; returns the loss."""
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor | mixing.Targets) -> torch.Tensor:
+        """Loss of a normalised batch against labels or ``Targets``, gradients (scaled under fp16) in
+        ``.grad``; returns the loss."""
         self.model.train()
         with self.autocast:
             loss = self.criterion(self.forward(x), y)
@@ -169,7 +170,7 @@ def build_parts(setup: Setup) -> Parts:
     scheduler = StepScheduler(optimizer, setup.timeline)
     scaler = torch.amp.GradScaler(dev.type, enabled=r.train.precision == "fp16")
     autocast = torch.autocast(dev.type, dtype=DTYPES[r.train.precision], enabled=r.train.precision != "fp32")
-    criterion = nn.CrossEntropyLoss(label_smoothing=r.train.label_smoothing)
+    criterion = mixing.Loss(r.train.loss, r.stage_regularization()[0].label_smoothing, r.train.bce_target_threshold)
     wrapped = model
     if setup.dist.active:
         from torch.nn.parallel import DistributedDataParallel

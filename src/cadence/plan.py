@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Literal
 
+from cadence.regularization import Regularization
 from cadence.schedules import Duration, ScheduleError, ScheduleSpec
 
 Scope = Literal["global", "per_stage"]
@@ -29,6 +30,7 @@ class Stage:
     resolution: int
     batch_size: int
     data_fraction: float = 1.0
+    regularization: Regularization = field(default_factory=Regularization)  # overrides the recipe's
 
     def __post_init__(self):
         checks = [("epochs", self.epochs >= 1, "must be >= 1"),
@@ -87,6 +89,7 @@ class Timeline:
     stages: list[Stage] = field(default_factory=list)
     base_lr: float = 0.0  # the recipe's peak LR, before batch-size scaling
     cycles_momentum: bool = False  # the schedule sets momentum (else ``momentum`` is the constant)
+    regularization: list[Regularization] = field(default_factory=list)  # each stage's, resolved (if known)
 
     def __len__(self) -> int:
         return len(self.stage)

@@ -18,7 +18,9 @@ import yaml
 
 from cadence import schedules
 from cadence.errors import FieldError
+from cadence import regularization
 from cadence.plan import LrScaling, Progress, Scope, Stage, Timeline, make_timeline
+from cadence.regularization import Regularization
 from cadence.schedules import Duration, Piece, ScheduleSpec
 
 DIGITS_TOTAL = 1797  # images in scikit-learn's digits
@@ -168,7 +170,9 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # the recipe-wide default of regularization.label_smoothing (older spelling)
+    loss: Literal["ce", "bce"] = "ce"  # cross-entropy | binary cross-entropy per class (timm's, "ResNet strikes back")
+    bce_target_threshold: float | None = None  # bce: targets above it become 1, the rest 0 (timm's)
     eval_resolution: int | None = None  # default: the last stage's resolution
     eval_every: int | Literal["epoch", "stage", "end"] = "epoch"  # N: every N optimizer steps (and at the end)
     eval_batch_size: int = 256
@@ -188,6 +192,8 @@ class TrainConfig:
         _check(not isinstance(self.eval_every, int) or self.eval_every >= 1, "eval_every", self.eval_every,
                "must be a number of steps >= 1, or epoch, stage or end")
         _check(self.ema is None or 0 < self.ema < 1, "ema", self.ema, "must be in (0, 1) (or unset)")
+        _check(self.bce_target_threshold is None or (self.loss == "bce" and 0 <= self.bce_target_threshold < 1),
+               "bce_target_threshold", self.bce_target_threshold, "must be in [0, 1), with loss: bce")
 
 
 @dataclass(kw_only=True)
@@ -200,6 +206,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    regularization: Regularization = field(default_factory=Regularization)  # each stage may override any key
     raw: dict = field(default_factory=dict, repr=False, compare=False)  # as written, after --set
 
     def __post_init__(self):
@@ -208,15 +215,27 @@ class Recipe:
                "name", self.name, "is a name, not a path: no '/', '\\' or NUL, not '.' or '..' (run folders are "
                "runs/<name>-<time>)")
         _check(-2**63 <= self.seed < 2**64, "seed", self.seed, "must be in -2**63 .. 2**64 - 1 (what torch takes)")
+        _check(self.regularization.label_smoothing is None or not self.train.label_smoothing,
+               "train.label_smoothing", self.train.label_smoothing, "is also set as regularization.label_smoothing; "
+               "keep one")
+        self.stage_regularization()  # a key the source cannot apply is an error now, not at training
+
+    def stage_regularization(self) -> list[Regularization]:
+        """What each stage trains with: its own keys over the recipe's over the defaults."""
+        return regularization.resolve(self.regularization, [s.regularization for s in self.stages],
+                                      source=self.data.source, label_smoothing=self.train.label_smoothing)
 
     def timeline(self, train_samples: int | None = None, world_size: int = 1) -> Timeline:
-        """Every optimizer step with its LR and momentum (raises FieldError if the schedule can't fit)."""
+        """Every optimizer step with its LR and momentum, and each stage's regularization (raises
+        FieldError if the schedule can't fit)."""
         o = self.optimizer
-        return make_timeline(
+        t = make_timeline(
             self.stages, self.data.train_size() if train_samples is None else train_samples,
             self.schedule.spec, lr=1.0 if o.lr == "auto" else o.lr, momentum=o.momentum, scope=self.schedule.scope,
             progress=self.schedule.progress, reference_batch_size=o.reference_batch_size,
             lr_scaling=o.lr_scaling, world_size=world_size, drop_last=self.data.drop_last)
+        t.regularization = self.stage_regularization()
+        return t
 
     @property
     def eval_resolution(self) -> int:

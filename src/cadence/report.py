@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cadence.files import write_text_atomic  # noqa: E402
+from cadence import regularization  # noqa: E402
 from cadence.plan import Timeline  # noqa: E402
 from cadence.rundir import RunDir, read_metrics  # noqa: E402
 from cadence.smoothing import smooth  # noqa: E402
@@ -50,13 +51,19 @@ def plot_plan(timeline: Timeline, path: str, title: str = "") -> None:
         rows.append(("lr_log", t.lr, "LR (log scale)"))
     rows += [("momentum", t.momentum, "momentum / beta1"), ("resolution", t.resolution, "resolution (px)"),
              ("batch", t.batch_size, "global batch (images)")]
+    keys = regularization.set_keys(t.regularization)
+    if keys:
+        rows.append(("regularization", None, "regularization\n(share of its largest value)"))
     fig, axes = plt.subplots(len(rows), 2, figsize=(12, 2.1 * len(rows) + 1), sharex="col",
                              constrained_layout=True, squeeze=False)
     for r, (name, ys, ylabel) in enumerate(rows):
         for c, (xs, bounds) in enumerate([(steps, starts), (epochs, [epochs[a] for a in starts])]):
             ax = axes[r][c]
             step_like = name in ("resolution", "batch")
-            (ax.step if step_like else ax.plot)(xs, ys, linewidth=1.4, **({"where": "post"} if step_like else {}))
+            if name == "regularization":
+                _plot_regularization(ax, t, keys, xs)
+            else:
+                (ax.step if step_like else ax.plot)(xs, ys, linewidth=1.4, **({"where": "post"} if step_like else {}))
             if name == "lr_log":
                 ax.set_yscale("log")
             _mark_stages(ax, bounds, labels if c else short, top=r == 0)
@@ -69,13 +76,34 @@ def plot_plan(timeline: Timeline, path: str, title: str = "") -> None:
     plt.close(fig)
 
 
+def _plot_regularization(ax, t: Timeline, keys: list[str], xs) -> None:
+    """Each regularization key the recipe sets, per step, as a share of its largest value over the
+    run (the legend gives the values; a policy is drawn as 0 or 1 and named)."""
+    for i, name in enumerate(keys):
+        values = [getattr(t.regularization[k], name) for k in t.stage]
+        numbers = [regularization.numeric(name, v) for v in values]
+        top = max(numbers) or 1.0
+        shown = list(dict.fromkeys(regularization.describe(name, getattr(r, name)) for r in t.regularization))
+        ax.step(xs, [v / top for v in numbers], where="post", linewidth=1.4, color=f"C{i % 10}",
+                label=f"{name}: {' / '.join(shown)}")
+    ax.set_ylim(-0.05, 1.1)
+    ax.legend(loc="lower right", fontsize=7, ncol=2)
+
+
+def _regularization_columns(timeline: Timeline) -> list[str]:
+    return regularization.set_keys(timeline.regularization) if timeline.regularization else []
+
+
 def write_plan_csv(timeline: Timeline, path: str) -> None:
-    """One row per optimizer step: ``step,stage,epoch,resolution,batch_size,samples_seen,lr,momentum``."""
+    """One row per optimizer step: ``step,stage,epoch,resolution,batch_size,samples_seen,lr,momentum``,
+    then a column per regularization key the recipe sets (its value at that step)."""
+    keys = _regularization_columns(timeline)
+    values = [[regularization.describe(k, getattr(r, k)) for k in keys] for r in timeline.regularization]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(Timeline.CSV_COLUMNS)
+        w.writerow(Timeline.CSV_COLUMNS + tuple(keys))
         for row in timeline.rows():
-            w.writerow([repr(v) if isinstance(v, float) else v for v in row])
+            w.writerow([repr(v) if isinstance(v, float) else v for v in row] + (values[row[1]] if keys else []))
 
 
 def read_plan_csv(path: str) -> dict[str, list]:
@@ -86,21 +114,30 @@ def read_plan_csv(path: str) -> dict[str, list]:
 
 
 def plan_table(timeline: Timeline) -> str:
-    """Per-stage summary, as printed by ``cadence plan``."""
-    head = ("stage", "res", "batch", "data", "epochs", "steps", "samples", "lr min", "lr max")
+    """Per-stage summary, as printed by ``cadence plan``: a column per regularization key that changes
+    between stages, and a line for those set to one value throughout."""
+    regs = timeline.regularization
+    varying = regularization.varying(regs) if regs else []
+    head = ("stage", "res", "batch", "data", "epochs", "steps", "samples", "lr min", "lr max") + tuple(varying)
     lines = [head]
     total_steps = total_samples = 0
     for s in timeline.stage_summary():
         lines.append((str(s["stage"]), f"{s['resolution']}px", str(s["batch_size"]),
                       f"{s['data_fraction']:g}", str(s["epochs"]),
-                      f"{s['steps']:,}", f"{s['samples']:,}", f"{s['lr_min']:.4g}", f"{s['lr_max']:.4g}"))
+                      f"{s['steps']:,}", f"{s['samples']:,}", f"{s['lr_min']:.4g}", f"{s['lr_max']:.4g}")
+                     + tuple(regularization.describe(k, getattr(regs[s["stage"]], k)) for k in varying))
         total_steps += s["steps"]
         total_samples += s["samples"]
     lines.append(("total", "", "", "", str(timeline.epoch[-1] + 1), f"{total_steps:,}", f"{total_samples:,}",
-                  f"{min(timeline.lr):.4g}", f"{max(timeline.lr):.4g}"))
+                  f"{min(timeline.lr):.4g}", f"{max(timeline.lr):.4g}") + ("",) * len(varying))
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     fmt = lambda row: "  ".join(c.rjust(w) for c, w in zip(row, widths))  # noqa: E731
-    return "\n".join([fmt(lines[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in lines[1:]])
+    out = [fmt(lines[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in lines[1:]]
+    constant = [k for k in _regularization_columns(timeline) if k not in varying]
+    if constant:
+        out.append("every stage: " + ", ".join(f"{k} {regularization.describe(k, getattr(regs[0], k))}"
+                                               for k in constant))
+    return "\n".join(out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from cadence import checkpoint, data, distributed, files
 from cadence.errors import FieldError, Interrupted
 from cadence.evaluate import evaluate_recipe
 from cadence.guard import NonFiniteGuard
+from cadence.mixing import BatchMixer, Targets
 from cadence.parts import Parts, Setup, build_parts
 from cadence.plan import epoch_samples
 from cadence.recipe import dump_recipe
@@ -66,6 +67,7 @@ class Trainer:
         self.guard = NonFiniteGuard(r.train.on_nonfinite, self.device, self.timeline, r.train.precision)
         scaler = self.parts.scaler
         self.guard.scale = lambda: scaler.get_scale() if scaler.is_enabled() else None
+        self.mixers = [BatchMixer(reg, r.seed) for reg in self.timeline.regularization]  # per stage
         self.signals = Signals()
         self.step = 0
         self.saved_step: int | None = None  # step of the last checkpoint written or loaded
@@ -153,9 +155,9 @@ class Trainer:
 
     # -- the work ----------------------------------------------------------------------------------
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, guard: bool = False) -> torch.Tensor:
-        """One optimizer step on a normalised batch at the LR/momentum the scheduler has set; then the
-        scheduler moves on. With ``guard``, a non-finite loss follows ``train.on_nonfinite``
+    def train_step(self, x: torch.Tensor, y: torch.Tensor | Targets, guard: bool = False) -> torch.Tensor:
+        """One optimizer step on a normalised (and mixed) batch at the LR/momentum the scheduler has set;
+        then the scheduler moves on. With ``guard``, a non-finite loss follows ``train.on_nonfinite``
         (:mod:`cadence.guard`): a skipped step also puts the BatchNorm statistics back."""
         p = self.parts
         skip = guard and self.guard.policy == "skip"
@@ -180,7 +182,8 @@ class Trainer:
     def loader(self, stage: int, epoch: int, skip_batches: int = 0):
         """This rank's batches of global ``epoch`` at stage ``stage``, after ``skip_batches``."""
         st = self.recipe.stages[stage]
-        return self.data.epoch(st, epoch, epoch_samples(len(self.source.train), st.data_fraction), skip_batches)
+        return self.data.epoch(st, epoch, epoch_samples(len(self.source.train), st.data_fraction), skip_batches,
+                               self.timeline.regularization[stage])
 
     def evaluate(self, resolution: int | None = None) -> dict:
         """Held-out loss, top-1 and top-5 at ``resolution`` px (default: the recipe's)."""
@@ -227,7 +230,8 @@ class Trainer:
                 self.step += 1
                 bar.update(1)
                 continue
-            loss = self.train_step(p.normalize(x), y.to(self.device, non_blocking=True), guard=True)
+            x, y = self.mixers[k](p.normalize(x), y.to(self.device, non_blocking=True), s)
+            loss = self.train_step(x, y, guard=True)
             self.step += 1
             images += len(y)
             if s % r.train.log_every == 0 or self.step == last:

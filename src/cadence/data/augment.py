@@ -14,9 +14,12 @@ from torch import nn
 from torchvision.transforms import v2
 
 from cadence.data.keys import mix, uniforms
+from cadence.regularization import DEFAULTS, Regularization
 
 if TYPE_CHECKING:
     from cadence.data.sources import Source
+
+POLICY_STREAM = 0x5EED  # mixed with an image's key: the seed of its policy draws (the crop uses the key itself)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,13 +97,14 @@ def draw_box(key: int, width: int, height: int, scale=(0.08, 1.0), ratio=(3 / 4,
     return (height - h) // 2, (width - w) // 2, h, w, flip
 
 
-def decode_crop(path: str, key: int, resolution: int, *, flip: bool = True, draft: bool = True) -> torch.Tensor:
-    """RandomResizedCrop + flip of one file to ``resolution`` px, as uint8 HWC. The box is drawn
-    from the header's size; a JPEG is then decoded with DCT-domain scaling (1/2, 1/4, 1/8) to the
-    smallest size whose crop still covers ``resolution``, and only then resized."""
+def decode_crop(path: str, key: int, resolution: int, *, flip: bool = True, draft: bool = True,
+                scale=DEFAULTS.crop_scale, ratio=DEFAULTS.crop_ratio) -> torch.Tensor:
+    """RandomResizedCrop (``scale``, ``ratio``) + flip of one file to ``resolution`` px, as uint8 HWC.
+    The box is drawn from the header's size; a JPEG is then decoded with DCT-domain scaling (1/2,
+    1/4, 1/8) to the smallest size whose crop still covers ``resolution``, and only then resized."""
     with Image.open(path) as im:
         width, height = im.size
-        top, left, h, w, flipped = draw_box(key, width, height)
+        top, left, h, w, flipped = draw_box(key, width, height, scale, ratio)
         if draft and im.format == "JPEG":
             im.draft("RGB", (math.ceil(width * resolution / w), math.ceil(height * resolution / h)))
         sx, sy = im.size[0] / width, im.size[1] / height
@@ -111,6 +115,57 @@ def decode_crop(path: str, key: int, resolution: int, *, flip: bool = True, draf
     if out.mode != "RGB":
         out = out.convert("RGB")
     return torch.from_numpy(np.asarray(out)[:, ::-1].copy() if flip and flipped else np.array(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-image policies: torchvision's own transforms, their draws seeded from the image's key
+
+
+class ImagePolicy:
+    """Colour jitter, then the policy (TrivialAugmentWide, RandAugment or AutoAugment's ImageNet
+    policy), then random erasing of one uint8 image (C, H, W) after its crop and flip, as
+    ``torchvision.transforms.v2`` does them (the torchvision reference's order; erasing fills with
+    the data set's mean colour, which is what its erasing of the normalised image with 0 gives).
+
+    torchvision draws from torch's default generator; it is seeded from the image's key for the
+    call and put back after it, so an image is augmented the same way in any batch, worker, rank or
+    resumed run, and the process's own random state is untouched."""
+
+    def __init__(self, reg: Regularization, mean: tuple[float, ...]):
+        ops = []
+        if reg.color_jitter:
+            ops.append(v2.ColorJitter(brightness=reg.color_jitter, contrast=reg.color_jitter,
+                                      saturation=reg.color_jitter))
+        if reg.policy == "trivialaugment":
+            ops.append(v2.TrivialAugmentWide())
+        elif reg.policy == "randaugment":
+            ops.append(v2.RandAugment(num_ops=reg.num_ops, magnitude=reg.magnitude))
+        elif reg.policy == "autoaugment":
+            ops.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET))
+        if reg.random_erasing:
+            ops.append(v2.RandomErasing(reg.random_erasing, scale=reg.erasing_scale,
+                                        value=[round(255 * m) for m in mean]))
+        self.transform = v2.Compose(ops) if ops else None
+
+    def __bool__(self) -> bool:
+        return self.transform is not None
+
+    def __call__(self, image: torch.Tensor, key: int) -> torch.Tensor:
+        if self.transform is None:
+            return image
+        g = torch.default_generator
+        state = g.get_state()
+        try:
+            g.manual_seed(int(mix(key, POLICY_STREAM)))
+            return self.transform(image)
+        finally:
+            g.set_state(state)
+
+    def batch(self, x: torch.Tensor, keys: np.ndarray) -> torch.Tensor:
+        """Each image of a uint8 batch (N, C, H, W) by its own key."""
+        if self.transform is None:
+            return x
+        return torch.stack([self(img, int(k)) for img, k in zip(x, keys)])
 
 
 # ---------------------------------------------------------------------------------------------

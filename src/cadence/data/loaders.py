@@ -11,12 +11,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cadence.data.augment import augment_batch, decode_crop, eval_transform, resize_batch
+from cadence.data.augment import ImagePolicy, augment_batch, decode_crop, eval_transform, resize_batch
 from cadence.data.keys import EpochSampler
 from cadence.data.sources import BAD_IMAGE_ERRORS, Source, bad_reason, pick_copy
 from cadence.errors import FieldError
 from cadence.plan import Stage
 from cadence.recipe import DataConfig
+from cadence.regularization import DEFAULTS, Regularization
 
 
 # ---------------------------------------------------------------------------------------------
@@ -27,9 +28,11 @@ class MemoryLoader:
     """Batches of an in-memory source for one rank, augmented a batch at a time (vectorised), each
     image by its own key, so resuming mid-epoch or changing the world size changes nothing."""
 
-    def __init__(self, source: Source, resolution: int, sampler: EpochSampler, local_batch: int, drop_last: bool):
+    def __init__(self, source: Source, resolution: int, sampler: EpochSampler, local_batch: int, drop_last: bool,
+                 regularization: Regularization = DEFAULTS):
         self.source, self.resolution, self.sampler = source, resolution, sampler
         self.local, self.drop_last = local_batch, drop_last
+        self.policy = ImagePolicy(regularization, source.mean)
 
     def __iter__(self):
         data_ = self.source.train
@@ -40,6 +43,8 @@ class MemoryLoader:
                 return
             x = augment_batch(data_.images[idx], keys[b: b + self.local], native=self.source.native_size,
                               flip=self.source.flip, resolution=self.resolution)
+            if self.policy:  # the crop's float pixels are whole numbers: back to uint8 exactly
+                x = self.policy.batch(x.to(torch.uint8), keys[b: b + self.local])
             yield x, data_.labels[idx]
 
     def __len__(self) -> int:
@@ -52,25 +57,32 @@ class MemoryLoader:
 
 
 class CropDecode(Dataset):
-    """``dataset[(index, key, resolution, copy)]`` -> ``(HWC uint8 or None, label, bad)``. The
-    resolution (and which prepared copy to read) travels with each item, so one set of persistent
-    workers serves every stage. ``roots[copy]`` replaces ``roots[0]`` at the start of each path."""
+    """``dataset[(index, key, resolution, copy, regularization)]`` -> ``(HWC uint8 or None, label,
+    bad)``. The resolution, the prepared copy to read and the stage's regularization travel with
+    each item, so one set of persistent workers serves every stage. ``roots[copy]`` replaces
+    ``roots[0]`` at the start of each path; ``mean`` is the erasing fill."""
 
-    def __init__(self, items: list[tuple[str, int]], flip: bool = True, roots: list[str] | None = None):
-        self.items, self.flip, self.roots = items, flip, roots or [""]
+    def __init__(self, items: list[tuple[str, int]], flip: bool = True, roots: list[str] | None = None,
+                 mean: tuple[float, ...] = (0.5, 0.5, 0.5)):
+        self.items, self.flip, self.roots, self.mean = items, flip, roots or [""], mean
+        self.policies: dict[Regularization, ImagePolicy] = {}
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, item):
-        index, key, resolution, copy = item
+        index, key, resolution, copy, reg = item
         path, label = self.items[index]
         if copy:
             path = self.roots[copy] + path[len(self.roots[0]):]
         try:
-            return decode_crop(path, key, resolution, flip=self.flip), label, None
+            x = decode_crop(path, key, resolution, flip=self.flip, scale=reg.crop_scale, ratio=reg.crop_ratio)
         except BAD_IMAGE_ERRORS as e:
             return None, label, (path, bad_reason(e))
+        if reg not in self.policies:
+            self.policies[reg] = ImagePolicy(reg, self.mean)
+        policy = self.policies[reg]
+        return (policy(x.permute(2, 0, 1), key).permute(1, 2, 0) if policy else x), label, None
 
 
 def collate_good(batch):
@@ -127,7 +139,8 @@ class FileLoader:
     def __init__(self, source: Source, *, num_workers: int, pin_memory: bool = False, on_bad=None):
         self.batches, self.on_bad = _Batches(), on_bad
         roots = [root for _, root in source.copies]
-        self.loader = DataLoader(CropDecode(source.train.items, source.flip, roots), batch_sampler=self.batches,
+        dataset = CropDecode(source.train.items, source.flip, roots, source.mean)
+        self.loader = DataLoader(dataset, batch_sampler=self.batches,
                                  num_workers=num_workers, collate_fn=collate_good, pin_memory=pin_memory,
                                  persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None,
                                  worker_init_fn=leave_signals_to_the_main_process)
@@ -143,9 +156,10 @@ class FileLoader:
         self.loader._iterator = None
         _OPEN.discard(self)
 
-    def epoch(self, sampler: EpochSampler, resolution: int, local_batch: int, drop_last: bool, copy: int = 0):
+    def epoch(self, sampler: EpochSampler, resolution: int, local_batch: int, drop_last: bool, copy: int = 0,
+              regularization: Regularization = DEFAULTS):
         indices, keys = sampler.keyed()
-        items = [(i, k, resolution, copy) for i, k in zip(indices.tolist(), keys.tolist())]
+        items = [(i, k, resolution, copy, regularization) for i, k in zip(indices.tolist(), keys.tolist())]
         self.batches.batches = [items[b: b + local_batch] for b in range(0, len(items), local_batch)
                                 if not drop_last or b + local_batch <= len(items)]
         return _Epoch(self)
@@ -175,18 +189,20 @@ class TrainData:
         self.pin_memory, self.on_bad = pin_memory, on_bad
         self._files: FileLoader | None = None
 
-    def epoch(self, stage: Stage, epoch: int, epoch_samples: int, skip_batches: int = 0):
-        """The batches of global ``epoch`` (at ``stage``) for this rank, after ``skip_batches``."""
+    def epoch(self, stage: Stage, epoch: int, epoch_samples: int, skip_batches: int = 0,
+              regularization: Regularization = DEFAULTS):
+        """The batches of global ``epoch`` (at ``stage``, with its resolved ``regularization``) for
+        this rank, after ``skip_batches``."""
         local = stage.batch_size // self.world
         sampler = EpochSampler(len(self.source.train), epoch_samples, seed=self.seed, epoch=epoch, rank=self.rank,
                                world=self.world, drop_last=self.cfg.drop_last, start=skip_batches * local)
         if self.source.native_size is not None:
-            return MemoryLoader(self.source, stage.resolution, sampler, local, self.cfg.drop_last)
+            return MemoryLoader(self.source, stage.resolution, sampler, local, self.cfg.drop_last, regularization)
         if self._files is None:
             self._files = FileLoader(self.source, num_workers=self.cfg.workers(), pin_memory=self.pin_memory,
                                      on_bad=self._bad)
         return self._files.epoch(sampler, stage.resolution, local, self.cfg.drop_last,
-                                 pick_copy(self.source.copies, stage.resolution))
+                                 pick_copy(self.source.copies, stage.resolution), regularization)
 
     def close(self) -> None:
         """Stop the file loader's workers, if any (training is over)."""
