@@ -10,6 +10,10 @@ covers the resolution (``cadence prepare``: one copy per resolution R, shorter s
 made once here from the originals; its time is printed apart) with DCT-domain scaling where the
 crop allows, then one resize; ``--no-prepare`` reads the originals instead. Rounds alternate between the two
 pipelines so the machine's noise hits both; the median round is reported.
+
+``--policy trivialaugment --random-erasing 0.1`` adds the per-image policy to both: torchvision's
+reference order (``TrivialAugmentWide`` on the PIL crop, ``PILToTensor``, ``RandomErasing``) against
+cadence's ``ImagePolicy`` (the same transforms.v2 ops on the uint8 crop, seeded from the image's key).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from torchvision.datasets.folder import default_loader
 from cadence import data
 from cadence.prepare import prepare_copy
 from cadence.recipe import recipe_from_dict
+from cadence.regularization import DEFAULTS, Regularization
 
 
 def jpegs(root: str) -> list[str]:
@@ -50,6 +55,8 @@ def main() -> None:
     p.add_argument("--no-prepare", action="store_true", help="cadence reads the original JPEGs")
     p.add_argument("--images", type=int, default=400, help="images per round")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--policy", choices=["none", "trivialaugment", "randaugment", "autoaugment"], default="none")
+    p.add_argument("--random-erasing", type=float, default=0.0)
     a = p.parse_args()
     torch.set_num_threads(1)
 
@@ -77,9 +84,14 @@ def main() -> None:
         keys = data.mix(0, np.arange(n)).tolist()
         for res in a.resolutions:
             prepared = jpegs(copies[data.pick_copy(copies, res)][1]) if copies else files
-            tv = transforms.Compose([transforms.RandomResizedCrop(res), transforms.RandomHorizontalFlip(),
-                                     transforms.PILToTensor()])
-            ours = lambda path, i: data.decode_crop(path, keys[i], res)  # noqa: E731
+            policy = {"none": [], "trivialaugment": [transforms.TrivialAugmentWide()],
+                      "randaugment": [transforms.RandAugment()], "autoaugment": [transforms.AutoAugment()]}[a.policy]
+            erase = [transforms.RandomErasing(a.random_erasing)] if a.random_erasing else []
+            tv = transforms.Compose([transforms.RandomResizedCrop(res), transforms.RandomHorizontalFlip(), *policy,
+                                     transforms.PILToTensor(), *erase])
+            reg = Regularization(policy=a.policy, random_erasing=a.random_erasing).over(DEFAULTS)
+            image_policy = data.ImagePolicy(reg, (0.485, 0.456, 0.406))
+            ours = lambda path, i: image_policy(data.decode_crop(path, keys[i], res).permute(2, 0, 1), keys[i])  # noqa: E731
             theirs = lambda path, i: tv(default_loader(path))  # noqa: E731
             rate(ours, prepared[:50]), rate(theirs, files[:50])  # warm caches
             r_ours, r_theirs = [], []

@@ -2,10 +2,14 @@
 
 For each stage resolution of a recipe, alternating rounds of (a) ``train_step`` on one fixed
 in-memory batch (model-only throughput) and (b) the real loop -- next batch from cadence's
-loader, normalise, ``train_step`` -- on the same Trainer. Prints images/s of both and the ratio
+loader (with the stage's per-image policy), normalise, mix (the stage's mixup/cutmix), ``train_step``
+-- on the same Trainer. Prints images/s of both and the ratio
 (target: loop >= 0.95 x model-only).
 
     python benchmarks/loop_vs_model.py recipes/cifar10-progressive.yaml --set data.root=/path/to/cifar10
+    python benchmarks/loop_vs_model.py recipes/cifar10-progressive.yaml --set data.root=/path/to/cifar10 \
+        --set regularization.policy=trivialaugment --set regularization.random_erasing=0.1 \
+        --set regularization.mixup=0.2 --set regularization.cutmix=1.0
 """
 
 from __future__ import annotations
@@ -40,9 +44,9 @@ def main() -> None:
             model_rates.append(fixed_batch_rate(trainer, k, fixed, a.steps))
             trainer.parts.scheduler.last_epoch = t.stage_starts[k]
             start, n = time.perf_counter(), 0
-            for _ in range(a.steps):
+            for i in range(a.steps):
                 x, y = next(loader)
-                trainer.train_step(trainer.parts.normalize(x), y)
+                trainer.train_step(*trainer.mixers[k](trainer.parts.normalize(x), y, t.stage_starts[k] + i))
                 n += len(y)
             loop_rates.append(n / (time.perf_counter() - start))
         m, lo = statistics.median(model_rates), statistics.median(loop_rates)

@@ -3,26 +3,28 @@
 # (5,000 CIFAR-10 training images, 40 epochs, 16 -> 24 -> 32 px under one global WSD), 3 seeds each,
 # in two lanes (one core and one thread each), then `cadence compare` over the finished runs.
 #
-#   benchmarks/regularization_study.sh CIFAR5K_ROOT [OUT] [SEEDS]
+#   benchmarks/regularization_study.sh CIFAR_SUBSET_ROOT [OUT] [SEEDS]
 #
-# CIFAR5K_ROOT is an ImageFolder with train/ (the first 500 files of each class of the CIFAR-10 JPEGs,
+# CIFAR_SUBSET_ROOT is an ImageFolder with train/ (the first 250 files of each class of the CIFAR-10 JPEGs,
 # in sorted order) and test/ (all 10,000 test JPEGs); make it from a full copy with
-#   benchmarks/regularization_study.sh --make-subset CIFAR10_ROOT CIFAR5K_ROOT
+#   benchmarks/regularization_study.sh --make-subset CIFAR10_ROOT CIFAR_SUBSET_ROOT
 # Finished runs are kept and unfinished ones resumed, so a killed study continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cadence=${CADENCE:-cadence}
 command -v "$cadence" >/dev/null || cadence=.venv/bin/cadence
 if [ "${1:-}" = "--make-subset" ]; then
-  src=${2:?CIFAR10_ROOT} dst=${3:?CIFAR5K_ROOT}
+  src=${2:?CIFAR10_ROOT} dst=${3:?CIFAR_SUBSET_ROOT}
   for c in "$src"/train/*/; do
     c=$(basename "$c"); mkdir -p "$dst/train/$c"
-    ls "$src/train/$c" | sort | head -500 | while read -r f; do ln -sf "$(realpath "$src/train/$c/$f")" "$dst/train/$c/$f"; done
+    find "$src/train/$c" -maxdepth 1 -type f -printf '%f\n' | sort | sed -n 1,250p | while read -r f; do
+      ln -sf "$(realpath "$src/train/$c/$f")" "$dst/train/$c/$f"
+    done
   done
   ln -sfn "$(realpath "$src/test")" "$dst/test"
   exit 0
 fi
-root=${1:?usage: benchmarks/regularization_study.sh CIFAR5K_ROOT [OUT] [SEEDS]}
+root=${1:?usage: benchmarks/regularization_study.sh CIFAR_SUBSET_ROOT [OUT] [SEEDS]}
 out=${2:-runs/regularization-study}
 seeds=${3:-3}
 mkdir -p "$out"

@@ -50,6 +50,21 @@ def test_a_policy_is_torchvisions_transform_seeded_by_the_image_key_and_leaves_t
     assert torch.equal(out[1], ours)  # an image's result depends on its key, not its place in the batch
 
 
+@pytest.mark.parametrize("keys", [
+    {"policy": "trivialaugment"}, {"policy": "randaugment", "num_ops": 3, "magnitude": 14},
+    {"policy": "autoaugment", "random_erasing": 0.5}, {"policy": "trivialaugment", "color_jitter": 0.4,
+                                                       "random_erasing": 0.3, "erasing_scale": [0.1, 0.5]}])
+def test_a_batch_is_augmented_bit_for_bit_as_its_images_one_by_one(keys):
+    """The in-memory path runs each drawn operation once on every image that drew it; the result is
+    the per-image transform's, exactly."""
+    x = _images(96, 20, seed=8)
+    policy = data.ImagePolicy(Regularization(**keys).over(DEFAULTS), (0.5, 0.4, 0.3))
+    ks = mix(11, np.arange(96))
+    one_by_one = torch.stack([policy(img, int(k)) for img, k in zip(x, ks)])
+    assert torch.equal(policy.batch(x, ks), one_by_one)
+    assert not torch.equal(one_by_one, x)
+
+
 @pytest.mark.parametrize("name", ["trivialaugment", "randaugment", "autoaugment"])
 def test_keyed_policies_have_the_distribution_of_torchvisions_own(name):
     """The mean absolute change each policy makes to one image, over 1,500 keys, against 1,500 draws
