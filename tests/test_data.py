@@ -19,7 +19,7 @@ from cadence.errors import FieldError
 from cadence.plan import Stage
 from cadence.prepare import prepare_copy
 from cadence.recipe import DataConfig, recipe_from_dict
-from helpers import image_folder, photo
+from helpers import GOOD, image_folder, photo
 
 
 # -- keys and in-memory augmentation ------------------------------------------------------------
@@ -120,6 +120,50 @@ def test_file_loader_keeps_its_workers_across_stages(tmp_path):
         pids.append([w.pid for w in td._files.loader._iterator._workers])
     assert shapes == [(6, 3, 16, 16)] * 6 + [(6, 3, 24, 24)] * 3
     assert pids[0] == pids[1] == pids[2] and len(pids[0]) == 1
+
+
+# -- evaluation: resize and centre crop -----------------------------------------------------------
+
+
+def test_eval_resize_and_crop_pct_equal_torchvision_resize_centercrop(tmp_path):
+    """``train.eval_resize: 232`` at 224 px is torchvision's v2 ``Resize(232)`` + ``CenterCrop(224)``;
+    at another resolution the resize scales with it; without either key files keep 224/256."""
+    from torchvision.transforms import v2
+
+    img = photo(3, 300, 260)
+    ref = lambda resize, crop: v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(crop),  # noqa: E731
+                                           v2.PILToTensor()])(img)
+    recipe = recipe_from_dict({**GOOD, "train": {"eval_resolution": 224, "eval_resize": 232}})
+    for r, resize in ((224, 232), (160, 166), (288, 298)):  # round(r * 232 / 224)
+        assert torch.equal(data.eval_transform(None, r, crop_pct=recipe.eval_crop_pct_at(r))(img), ref(resize, r)), r
+    pct = recipe_from_dict({**GOOD, "train": {"eval_crop_pct": 0.95}})
+    assert torch.equal(data.eval_transform(None, 224, crop_pct=pct.eval_crop_pct_at(224))(img), ref(236, 224))
+    plain = recipe_from_dict(GOOD)
+    assert plain.eval_crop_pct_at(224) is None
+    assert torch.equal(data.eval_transform(None, 224)(img), ref(256, 224))
+
+    # through the held-out loader of an image folder
+    items, _ = data.image_folder_paths(str(image_folder(tmp_path / "val", classes=2, per_class=2)), "x")
+    source = data.Source(data.FileImages(items), data.FileImages(items), 2, 3, (0.5,) * 3, (0.5,) * 3, None)
+    (x, _), = data.eval_loader(source, 24, 8, crop_pct=24 / 26)
+    for i, (path, _) in enumerate(items):
+        with Image.open(path) as im:
+            expected = v2.Compose([v2.Resize(26, antialias=True), v2.CenterCrop(24), v2.PILToTensor()])(im)
+        assert torch.equal(x[i], expected), path
+
+
+def test_in_memory_eval_crops_only_when_a_key_is_set():
+    """In-memory held-out images: the whole image resized by default (as always); with a crop_pct,
+    the centre round(native x crop_pct) px, then resized."""
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    source = data.Source(data.TensorImages(images, torch.arange(5)), data.TensorImages(images, torch.arange(5)),
+                         5, 3, (0.5,) * 3, (0.5,) * 3, native_size=32)
+    (whole, _), = data.eval_loader(source, 24, 8)
+    assert torch.equal(whole, data.resize_batch(images, 24))
+    (cropped, _), = data.eval_loader(source, 24, 8, crop_pct=0.75)
+    assert torch.equal(cropped, data.resize_batch(images[:, :, 4:28, 4:28], 24))  # 24 px of 32, centred
+    (full, _), = data.eval_loader(source, 24, 8, crop_pct=1.0)
+    assert torch.equal(full, whole)
 
 
 # -- the decoded-image cache --------------------------------------------------------------------
