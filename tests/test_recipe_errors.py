@@ -223,7 +223,9 @@ def test_subprocess_good_recipe_exits_0(tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["train", "good.yaml", "--max-steps", "-3"], "--max-steps: -3: must be >= 1"),
-    (["eval", "somewhere", "--resolution", "0"], "--resolution: 0: must be >= 1 px"),
+    (["eval", "somewhere", "--resolution", "0"], "--resolution: 0: must be >= 8 px"),
+    (["eval", "somewhere", "--resolution", "16", "4"], "--resolution: 4: must be >= 8 px"),
+    (["eval", "somewhere", "--resolution", "16", "16"], "--resolution: [16, 16]: gives a resolution twice"),
     (["prepare", "good.yaml", "--out", "copy"], "good.yaml: data.source: "),
 ])
 def test_bad_command_line_values_exit_2_and_write_nothing(tmp_path, capsys, monkeypatch, args, needle):

@@ -50,3 +50,14 @@ def evaluate_recipe(parts: Parts, setup: Setup, resolution: int | None = None) -
     return evaluate(parts, setup.source, resolution, batch_size=r.train.eval_batch_size, tta=r.train.tta,
                     workers=r.data.workers(), rank=setup.dist.rank, world=setup.dist.world,
                     crop_pct=r.eval_crop_pct_at(resolution))
+
+
+def sweep(parts: Parts, setup: Setup, resolutions: list[int | None]) -> list[dict]:
+    """``evaluate_recipe`` of the same weights at each resolution (None: the recipe's), the recipe's crop
+    rule applied at each (FixRes: a net trained at low resolution often tests best a little higher)."""
+    return [evaluate_recipe(parts, setup, r) for r in resolutions]
+
+
+def best(results: list[dict]) -> dict:
+    """The result with the highest top-1; of equals, the lowest resolution (the cheaper one)."""
+    return max(results, key=lambda r: (r["val_top1"], -r["resolution"]))
