@@ -19,7 +19,7 @@ from cadence.errors import FieldError
 from cadence.plan import Stage
 from cadence.prepare import prepare_copy
 from cadence.recipe import DataConfig, recipe_from_dict
-from helpers import image_folder, photo
+from helpers import GOOD, image_folder, photo
 
 
 # -- keys and in-memory augmentation ------------------------------------------------------------
@@ -120,6 +120,50 @@ def test_file_loader_keeps_its_workers_across_stages(tmp_path):
         pids.append([w.pid for w in td._files.loader._iterator._workers])
     assert shapes == [(6, 3, 16, 16)] * 6 + [(6, 3, 24, 24)] * 3
     assert pids[0] == pids[1] == pids[2] and len(pids[0]) == 1
+
+
+# -- evaluation: resize and centre crop -----------------------------------------------------------
+
+
+def test_eval_resize_and_crop_pct_equal_torchvision_resize_centercrop(tmp_path):
+    """``train.eval_resize: 232`` at 224 px is torchvision's v2 ``Resize(232)`` + ``CenterCrop(224)``;
+    at another resolution the resize scales with it; without either key files keep 224/256."""
+    from torchvision.transforms import v2
+
+    img = photo(3, 300, 260)
+    ref = lambda resize, crop: v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(crop),  # noqa: E731
+                                           v2.PILToTensor()])(img)
+    recipe = recipe_from_dict({**GOOD, "train": {"eval_resolution": 224, "eval_resize": 232}})
+    for r, resize in ((224, 232), (160, 166), (288, 298)):  # round(r * 232 / 224)
+        assert torch.equal(data.eval_transform(None, r, crop_pct=recipe.eval_crop_pct_at(r))(img), ref(resize, r)), r
+    pct = recipe_from_dict({**GOOD, "train": {"eval_crop_pct": 0.95}})
+    assert torch.equal(data.eval_transform(None, 224, crop_pct=pct.eval_crop_pct_at(224))(img), ref(236, 224))
+    plain = recipe_from_dict(GOOD)
+    assert plain.eval_crop_pct_at(224) is None
+    assert torch.equal(data.eval_transform(None, 224)(img), ref(256, 224))
+
+    # through the held-out loader of an image folder
+    items, _ = data.image_folder_paths(str(image_folder(tmp_path / "val", classes=2, per_class=2)), "x")
+    source = data.Source(data.FileImages(items), data.FileImages(items), 2, 3, (0.5,) * 3, (0.5,) * 3, None)
+    (x, _), = data.eval_loader(source, 24, 8, crop_pct=24 / 26)
+    for i, (path, _) in enumerate(items):
+        with Image.open(path) as im:
+            expected = v2.Compose([v2.Resize(26, antialias=True), v2.CenterCrop(24), v2.PILToTensor()])(im)
+        assert torch.equal(x[i], expected), path
+
+
+def test_in_memory_eval_crops_only_when_a_key_is_set():
+    """In-memory held-out images: the whole image resized by default (as always); with a crop_pct,
+    the centre round(native x crop_pct) px, then resized."""
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    source = data.Source(data.TensorImages(images, torch.arange(5)), data.TensorImages(images, torch.arange(5)),
+                         5, 3, (0.5,) * 3, (0.5,) * 3, native_size=32)
+    (whole, _), = data.eval_loader(source, 24, 8)
+    assert torch.equal(whole, data.resize_batch(images, 24))
+    (cropped, _), = data.eval_loader(source, 24, 8, crop_pct=0.75)
+    assert torch.equal(cropped, data.resize_batch(images[:, :, 4:28, 4:28], 24))  # 24 px of 32, centred
+    (full, _), = data.eval_loader(source, 24, 8, crop_pct=1.0)
+    assert torch.equal(full, whole)
 
 
 # -- the decoded-image cache --------------------------------------------------------------------
@@ -241,6 +285,78 @@ def test_small_image_folder_skips_unreadable_files_at_decode(tmp_path):
     with pytest.raises(FieldError, match="junk.jpg"):
         data.load_source(DataConfig(source="cifar10", root=str(tmp_path), cache_dir=str(tmp_path / "cache"),
                                     on_bad_image="error"))
+
+
+# -- held-out class folders, matched to train/'s by name ----------------------------------------
+
+
+def _class_of(path: str) -> str:
+    return os.path.basename(os.path.dirname(path))
+
+
+def test_held_out_classes_may_be_a_subset_of_train_and_get_train_indices(tmp_path):
+    """val/ without c1 (absent) and with c3 empty: each val image is labelled with its class's train/
+    index, and c1 and c3 are listed once each as bad images are; even with on_bad_image: error."""
+    image_folder(tmp_path / "train", classes=4, per_class=2)
+    image_folder(tmp_path / "val", classes=4, per_class=1)
+    for name in ("c1", "c3"):
+        for f in os.listdir(tmp_path / "val" / name):
+            os.unlink(tmp_path / "val" / name / f)
+    os.rmdir(tmp_path / "val" / "c1")
+    for on_bad in ("skip", "error"):
+        source = data.load_source(DataConfig(source="imagefolder", root=str(tmp_path), on_bad_image=on_bad))
+        assert source.num_classes == 4
+        assert [(_class_of(p), k) for p, k in source.val.items] == [("c0", 0), ("c2", 2)]
+        assert source.val[1][1] == 2  # an image of c2, the third train class though val/'s second folder
+        assert source.bad == [(str(tmp_path / "val" / c), "train/ class with no held-out images (not evaluated)")
+                              for c in ("c1", "c3")]
+    os.makedirs(tmp_path / "train" / "c4")  # an empty train/ class folder is still an error with error
+    with pytest.raises(FieldError, match="class folder holds no images"):
+        data.load_source(DataConfig(source="imagefolder", root=str(tmp_path), on_bad_image="error"))
+
+
+def test_cifar10_folder_held_out_subset_is_relabelled_after_the_cache(tmp_path):
+    image_folder(tmp_path / "c10" / "train", classes=10, per_class=1, size=(32, 32))
+    image_folder(tmp_path / "c10" / "test", classes=10, per_class=1, size=(32, 32))
+    for c in ("c0", "c5"):
+        os.unlink(tmp_path / "c10" / "test" / c / "0.jpg")
+        os.rmdir(tmp_path / "c10" / "test" / c)
+    cfg = DataConfig(source="cifar10", root=str(tmp_path / "c10"), cache_dir=str(tmp_path / "cache"))
+    for _ in range(2):  # decoded, then from the cache (which keeps test/'s own indices)
+        source = data.load_source(cfg)
+        assert source.val.labels.tolist() == [1, 2, 3, 4, 6, 7, 8, 9]
+        assert [os.path.basename(p) for p, _ in source.bad] == ["c0", "c5"]
+    assert len(os.listdir(tmp_path / "cache" / "decoded")) == 2
+    image = np.asarray(Image.open(tmp_path / "c10" / "test" / "c6" / "0.jpg").convert("RGB"))
+    assert torch.equal(source.val.images[4], torch.from_numpy(image).permute(2, 0, 1))  # c6's image, label 6
+
+
+@pytest.mark.parametrize("source", ["imagefolder", "cifar10"])
+def test_a_held_out_class_train_lacks_is_one_line_naming_it(tmp_path, capsys, source):
+    split = "val" if source == "imagefolder" else "test"
+    image_folder(tmp_path / "d" / "train", classes=10, per_class=1, size=(32, 32))
+    image_folder(tmp_path / "d" / split, classes=10, per_class=1, size=(32, 32))
+    os.rename(tmp_path / "d" / split / "c7", tmp_path / "d" / split / "c7-typo")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({**BAD_RECIPE, "data": {"source": source, "root": str(tmp_path / "d")}}))
+    assert cli.main(["train", str(recipe), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "data.val_split" in err and "c7-typo" in err, err
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_train_classes_without_held_out_images_are_listed_in_the_run(tmp_path):
+    image_folder(tmp_path / "d" / "train", classes=3, per_class=6)
+    image_folder(tmp_path / "d" / "val", classes=3, per_class=2)
+    for f in os.listdir(tmp_path / "d" / "val" / "c1"):
+        os.unlink(tmp_path / "d" / "val" / "c1" / f)
+    os.rmdir(tmp_path / "d" / "val" / "c1")
+    raw = {**BAD_RECIPE, "data": {"source": "imagefolder", "root": str(tmp_path / "d"), "num_workers": 0}}
+    _, final = train.train(parts.build_setup(recipe_from_dict(raw)), str(tmp_path / "run"), progress=False)
+    listed = (tmp_path / "run" / "bad_images.txt").read_text().splitlines()
+    assert listed == [f"{tmp_path / 'd' / 'val' / 'c1'}\ttrain/ class with no held-out images (not evaluated)"]
+    assert final["val_top1"] in [k / 4 for k in range(5)]  # the 4 held-out images of c0 and c2
 
 
 # -- the prepared copy ----------------------------------------------------------------------------

@@ -90,6 +90,11 @@ CASES = [
     ("no stages", edit("stages", []), [], "stages", "[]"),
     ("batch larger than an epoch", GOOD, ["stages.1.batch_size=600"], "stages.1.batch_size", "600"),
     ("train_samples 0", edit("data.train_samples", 0), [], "data.train_samples", "0"),
+    ("eval_crop_pct 0", GOOD, ["train.eval_crop_pct=0"], "train.eval_crop_pct", "0.0"),
+    ("eval_crop_pct above 1", GOOD, ["train.eval_crop_pct=1.2"], "train.eval_crop_pct", "1.2"),
+    ("eval_resize and eval_crop_pct", GOOD, ["train.eval_resize=56", "train.eval_crop_pct=0.9"], "train.eval_resize",
+     "56"),
+    ("eval_resize below the eval resolution", GOOD, ["train.eval_resize=40"], "train.eval_resize", "40"),
     ("--set to a nonexistent list index", GOOD, ["stages.5.batch_size=64"], "stages.5",
      "'stages.5.batch_size=64'"),
     ("--set without =", GOOD, ["optimizer.lr"], "--set", "'optimizer.lr'"),
@@ -218,7 +223,9 @@ def test_subprocess_good_recipe_exits_0(tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["train", "good.yaml", "--max-steps", "-3"], "--max-steps: -3: must be >= 1"),
-    (["eval", "somewhere", "--resolution", "0"], "--resolution: 0: must be >= 1 px"),
+    (["eval", "somewhere", "--resolution", "0"], "--resolution: 0: must be >= 8 px"),
+    (["eval", "somewhere", "--resolution", "16", "4"], "--resolution: 4: must be >= 8 px"),
+    (["eval", "somewhere", "--resolution", "16", "16"], "--resolution: [16, 16]: gives a resolution twice"),
     (["prepare", "good.yaml", "--out", "copy"], "good.yaml: data.source: "),
 ])
 def test_bad_command_line_values_exit_2_and_write_nothing(tmp_path, capsys, monkeypatch, args, needle):

@@ -129,6 +129,28 @@ def test_eval_at_another_resolution(demo_run, capsys):
     assert "at 24px" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_eval_sweeps_resolutions_and_names_the_best(tmp_path, capsys):
+    """``cadence eval RUN --resolution 8 16``: one line per resolution, then the best of them; each
+    line is what evaluating at that resolution alone prints (the same checkpoint, the same crop rule)."""
+    import re
+
+    recipe = write_recipe(tmp_path, TINY | {"train": TINY["train"] | {"eval_crop_pct": 0.75}})
+    assert cli.main(["train", recipe, "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", str(tmp_path / "run"), "--resolution", "8", "16"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    found = [re.search(r"top-1 ([\d.]+)% at (\d+)px", line).groups() for line in lines[:2]]
+    top1 = {int(r): float(t) for t, r in found}
+    assert list(top1) == [8, 16]
+    best = max(top1, key=lambda r: (top1[r], -r))
+    assert lines[2] == f"best: {best}px, held-out top-1 {top1[best]:.2f}% (checkpoint at step 12)"
+    for r, line in zip((8, 16), lines):
+        assert cli.main(["eval", str(tmp_path / "run"), "--resolution", str(r)]) == 0
+        assert capsys.readouterr().out == line + " (checkpoint at step 12)\n"
+
+
 @pytest.fixture(scope="session")
 def cifar_subset(tmp_path_factory):
     """40 training and 10 test JPEGs per class from the shared CIFAR-10 archive, as an ImageFolder."""

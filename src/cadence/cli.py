@@ -126,12 +126,16 @@ def _result_line(result: dict, elapsed: float | None = None) -> str:
 
 def cmd_eval(args) -> int:
     from cadence import checkpoint, parts
-    from cadence.evaluate import evaluate_recipe
+    from cadence.evaluate import best, sweep
     from cadence.recipe import load_recipe
     from cadence.rundir import RunDir
 
-    if args.resolution is not None and args.resolution < 1:
-        raise FieldError("--resolution", args.resolution, "must be >= 1 px")
+    resolutions = args.resolution or [None]  # None: the recipe's
+    for r in args.resolution or []:
+        if r < 8:
+            raise FieldError("--resolution", r, "must be >= 8 px")
+    if len(set(resolutions)) < len(resolutions):
+        raise FieldError("--resolution", args.resolution, "gives a resolution twice")
     run = RunDir(args.run_dir)
     if not run.has_checkpoint():
         raise FieldError("RUN_DIR", args.run_dir, "holds no checkpoints/last.pt")
@@ -139,8 +143,14 @@ def cmd_eval(args) -> int:
     state = checkpoint.load(run.last)
     built = parts.build_parts(setup)
     built.load_weights(state)
-    result = evaluate_recipe(built, setup, args.resolution)
-    print(_result_line(result) + f" (checkpoint at step {state['step']:,})")
+    results = sweep(built, setup, resolutions)
+    at = f" (checkpoint at step {state['step']:,})"
+    if len(results) == 1:
+        print(_result_line(results[0]) + at)
+        return 0
+    print("\n".join(map(_result_line, results)))
+    top = best(results)
+    print(f"best: {top['resolution']}px, held-out top-1 {100 * top['val_top1']:.2f}%{at}")
     return 0
 
 
@@ -284,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a run's last checkpoint, at any resolution")
     p.add_argument("run_dir")
-    p.add_argument("--resolution", type=int, help="evaluation resolution in px (default: the recipe's)")
+    p.add_argument("--resolution", type=int, nargs="+", metavar="PX", help="evaluation resolution in px (default: "
+                   "the recipe's); several: each is evaluated, then the best named (highest top-1; ties: the lowest)")
     _set_arg(p, help="override a field of the run's recipe, e.g. --set data.root=...")
     p.set_defaults(func=cmd_eval)
 

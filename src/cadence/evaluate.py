@@ -12,15 +12,15 @@ from cadence.parts import Parts, Setup
 
 @torch.no_grad()
 def evaluate(parts: Parts, source: data.Source, resolution: int, *, batch_size: int = 256, tta: str = "none",
-             workers: int = 0, rank: int = 0, world: int = 1) -> dict:
+             workers: int = 0, rank: int = 0, world: int = 1, crop_pct: float | None = None) -> dict:
     """Held-out loss, top-1 and (with more than 5 classes) top-5 of ``parts.eval_model`` at
     ``resolution`` px, over every rank's share (summed across ranks). ``tta='flip'``: the logits of
-    each image and its mirror are averaged."""
+    each image and its mirror are averaged. ``crop_pct``: see ``data.eval_loader``."""
     model = parts.eval_model
     model.eval()
     total, loss_sum, correct1, correct5 = 0, 0.0, 0, 0
     k = min(5, source.num_classes)
-    for x, y in data.eval_loader(source, resolution, batch_size, workers, rank=rank, world=world):
+    for x, y in data.eval_loader(source, resolution, batch_size, workers, rank=rank, world=world, crop_pct=crop_pct):
         y = y.to(parts.device)
         with parts.autocast:
             x = parts.normalize(x)
@@ -42,8 +42,22 @@ def evaluate(parts: Parts, source: data.Source, resolution: int, *, batch_size: 
 
 
 def evaluate_recipe(parts: Parts, setup: Setup, resolution: int | None = None) -> dict:
-    """``evaluate`` as the recipe says: its evaluation resolution (unless ``resolution``), batch size,
-    TTA and workers, on this process's share of the held-out set."""
+    """``evaluate`` as the recipe says: its evaluation resolution (unless ``resolution``), crop rule
+    (``train.eval_crop_pct``/``eval_resize``) at that resolution, batch size, TTA and workers, on this
+    process's share of the held-out set."""
     r = setup.recipe
-    return evaluate(parts, setup.source, resolution or r.eval_resolution, batch_size=r.train.eval_batch_size,
-                    tta=r.train.tta, workers=r.data.workers(), rank=setup.dist.rank, world=setup.dist.world)
+    resolution = resolution or r.eval_resolution
+    return evaluate(parts, setup.source, resolution, batch_size=r.train.eval_batch_size, tta=r.train.tta,
+                    workers=r.data.workers(), rank=setup.dist.rank, world=setup.dist.world,
+                    crop_pct=r.eval_crop_pct_at(resolution))
+
+
+def sweep(parts: Parts, setup: Setup, resolutions: list[int | None]) -> list[dict]:
+    """``evaluate_recipe`` of the same weights at each resolution (None: the recipe's), the recipe's crop
+    rule applied at each (FixRes: a net trained at low resolution often tests best a little higher)."""
+    return [evaluate_recipe(parts, setup, r) for r in resolutions]
+
+
+def best(results: list[dict]) -> dict:
+    """The result with the highest top-1; of equals, the lowest resolution (the cheaper one)."""
+    return max(results, key=lambda r: (r["val_top1"], -r["resolution"]))

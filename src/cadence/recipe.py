@@ -174,6 +174,8 @@ class TrainConfig:
     loss: Literal["ce", "bce"] = "ce"  # cross-entropy | binary cross-entropy per class (timm's, "ResNet strikes back")
     bce_target_threshold: float | None = None  # bce: targets above it become 1, the rest 0 (timm's)
     eval_resolution: int | None = None  # default: the last stage's resolution
+    eval_crop_pct: float | None = None  # centre crop's share of the resized shorter side (default: files 0.875)
+    eval_resize: int | None = None  # or: shorter side resized to at eval_resolution (232 for 224), scaled with it
     eval_every: int | Literal["epoch", "stage", "end"] = "epoch"  # N: every N optimizer steps (and at the end)
     eval_batch_size: int = 256
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0: only at epoch ends)
@@ -186,6 +188,10 @@ class TrainConfig:
         _check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "must be in [0, 1)")
         _check(self.eval_resolution is None or self.eval_resolution >= 8, "eval_resolution",
                self.eval_resolution, "must be >= 8 px")
+        _check(self.eval_crop_pct is None or 0 < self.eval_crop_pct <= 1, "eval_crop_pct", self.eval_crop_pct,
+               "must be in (0, 1]")
+        _check(self.eval_resize is None or self.eval_crop_pct is None, "eval_resize", self.eval_resize,
+               "set eval_resize or eval_crop_pct, not both")
         _check(self.eval_batch_size > 0, "eval_batch_size", self.eval_batch_size, "must be positive")
         _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "must be >= 0")
         _check(self.log_every >= 1, "log_every", self.log_every, "must be >= 1")
@@ -214,6 +220,8 @@ class Recipe:
         _check(bool(self.name) and not set(self.name) & {"/", "\\", "\0"} and self.name not in (".", ".."),
                "name", self.name, "is a name, not a path: no '/', '\\' or NUL, not '.' or '..' (run folders are "
                "runs/<name>-<time>)")
+        _check(self.train.eval_resize is None or self.train.eval_resize >= self.eval_resolution, "train.eval_resize",
+               self.train.eval_resize, f"must be >= the evaluation resolution ({self.eval_resolution} px)")
         _check(-2**63 <= self.seed < 2**64, "seed", self.seed, "must be in -2**63 .. 2**64 - 1 (what torch takes)")
         _check(self.regularization.label_smoothing is None or not self.train.label_smoothing,
                "train.label_smoothing", self.train.label_smoothing, "is also set as regularization.label_smoothing; "
@@ -240,6 +248,15 @@ class Recipe:
     @property
     def eval_resolution(self) -> int:
         return self.train.eval_resolution or self.stages[-1].resolution
+
+    def eval_crop_pct_at(self, resolution: int) -> float | None:
+        """The centre crop's share of the resized shorter side when evaluating at ``resolution`` px:
+        ``train.eval_crop_pct``, or from ``train.eval_resize`` scaled to ``resolution`` (the resize is
+        round(resolution x eval_resize / eval_resolution)); None if neither is set (the source's default)."""
+        t = self.train
+        if t.eval_resize is None:
+            return t.eval_crop_pct
+        return resolution / round(resolution * t.eval_resize / self.eval_resolution)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -235,10 +235,22 @@ def _log_params(log: list, which: int, inpt, params: dict):
 # Evaluation and normalisation
 
 
-def eval_transform(source: Source, resolution: int):
-    """Resize to resolution/0.875 and centre-crop (the torchvision reference's 224/256)."""
-    return v2.Compose([v2.Resize(round(resolution / 0.875), antialias=True), v2.CenterCrop(resolution),
+DEFAULT_CROP_PCT = 0.875  # image files: the centre crop's share of the resized shorter side (torchvision's 224/256)
+
+
+def eval_transform(source: Source, resolution: int, *, crop_pct: float = DEFAULT_CROP_PCT):
+    """Resize the shorter side to round(resolution / crop_pct) and centre-crop ``resolution`` px."""
+    return v2.Compose([v2.Resize(round(resolution / crop_pct), antialias=True), v2.CenterCrop(resolution),
                        v2.PILToTensor()])
+
+
+def eval_batch(x: torch.Tensor, resolution: int, crop_pct: float | None = None) -> torch.Tensor:
+    """In-memory held-out images (uint8 NCHW) at ``resolution``: the whole image resized, or with
+    ``crop_pct``, its centre round(native x crop_pct) px resized."""
+    if crop_pct is not None:
+        side = max(1, round(x.shape[-1] * crop_pct))
+        x = v2.functional.center_crop(x, [side, side])
+    return resize_batch(x, resolution)
 
 
 def normalizer(source: Source, device: torch.device, channels_last: bool = False):

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cadence.data.augment import ImagePolicy, augment_batch, decode_crop, eval_transform, resize_batch
+from cadence.data.augment import DEFAULT_CROP_PCT, ImagePolicy, augment_batch, decode_crop, eval_batch, eval_transform
 from cadence.data.keys import EpochSampler
 from cadence.data.sources import BAD_IMAGE_ERRORS, Source, bad_reason, pick_copy
 from cadence.errors import FieldError
@@ -242,15 +242,17 @@ class EvalDecode(Dataset):
 
 
 def eval_loader(source: Source, resolution: int, batch_size: int, num_workers: int = 0,
-                rank: int = 0, world: int = 1):
+                rank: int = 0, world: int = 1, *, crop_pct: float | None = None):
     """This rank's share of the held-out set, resized (in memory) or resized + centre-cropped
-    (unreadable files skipped: they were listed when training met them, or at load)."""
+    (unreadable files skipped: they were listed when training met them, or at load). ``crop_pct``:
+    the centre crop's share of the shorter side (None: the whole image in memory, 0.875 for files)."""
     indices = list(range(rank, len(source.val), world))
     if source.native_size is not None:
         images, labels = source.val.images, source.val.labels
-        return [(resize_batch(images[indices[b: b + batch_size]], resolution), labels[indices[b: b + batch_size]])
-                for b in range(0, len(indices), batch_size)]
-    ds = EvalDecode([source.val.items[i] for i in indices], eval_transform(source, resolution))
+        return [(eval_batch(images[indices[b: b + batch_size]], resolution, crop_pct),
+                 labels[indices[b: b + batch_size]]) for b in range(0, len(indices), batch_size)]
+    transform = eval_transform(source, resolution, crop_pct=DEFAULT_CROP_PCT if crop_pct is None else crop_pct)
+    ds = EvalDecode([source.val.items[i] for i in indices], transform)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_good,
                         worker_init_fn=leave_signals_to_the_main_process)
     return ((x, y) for x, y, _ in loader if len(y))

@@ -125,18 +125,30 @@ def _image_files(folder: str, bad: list | None) -> list[str]:
     return [os.path.join(d, f) for d in sorted(per_folder) for f in sorted(per_folder[d])]
 
 
-def _class_mismatch(val_classes: list[str], classes: list[str]) -> str:
-    """What differs between a held-out split's class folders and train/'s, by name."""
-    extra, missing = sorted(set(val_classes) - set(classes)), sorted(set(classes) - set(val_classes))
-    parts = ([f"has classes train/ lacks: {', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}"] if extra else [])
-    parts += [f"lacks train/ classes: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"] if missing else []
-    return "; ".join(parts) or "orders its classes differently from train/"
+def held_out_labels(val_classes: list[str], classes: list[str], val_split: str) -> np.ndarray:
+    """The train/ index of each of a held-out split's class folders, by name, so that its labels mean
+    what training's do. Its classes may be a subset of train/'s; a class train/ lacks raises FieldError."""
+    extra = sorted(set(val_classes) - set(classes))
+    if extra:
+        raise FieldError("data.val_split", val_split, f"has classes train/ lacks: {', '.join(extra[:8])}"
+                         f"{' ...' if len(extra) > 8 else ''} (its classes must be train/ class folders, by name)")
+    index = {c: k for k, c in enumerate(classes)}
+    return np.array([index[c] for c in val_classes], dtype=np.int64)
 
 
-def image_folder_paths(root: str, field: str, on_bad: str = "skip",
-                       bad: list | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+def not_held_out(val_root: str, classes: list[str], labels) -> list[tuple[str, str]]:
+    """``(folder, reason)`` for each train/ class with no held-out image (``labels``: the train/
+    indices the held-out split has), listed as unreadable files are, not an error."""
+    present = set(int(k) for k in labels)
+    return [(os.path.join(val_root, c), "train/ class with no held-out images (not evaluated)")
+            for k, c in enumerate(classes) if k not in present]
+
+
+def image_folder_paths(root: str, field: str, on_bad: str = "skip", bad: list | None = None, *,
+                       held_out: bool = False) -> tuple[list[tuple[str, int]], list[str]]:
     """``(path, class index)`` of every image under ``root/<class>/``. An empty class folder keeps
-    its index; it is listed in ``bad`` (skip) or raises FieldError (error)."""
+    its index; it is listed in ``bad`` (skip) or raises FieldError (error); in a ``held_out`` split
+    it is neither (the caller lists train/ classes without held-out images: ``not_held_out``)."""
     if not os.path.isdir(root):
         raise FieldError(field, root, "no such directory")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
@@ -145,7 +157,7 @@ def image_folder_paths(root: str, field: str, on_bad: str = "skip",
     items = []
     for k, c in enumerate(classes):
         found = [(path, k) for path in _image_files(os.path.join(root, c), bad)]
-        if not found:
+        if not found and not held_out:
             if on_bad == "error":
                 raise FieldError(field, os.path.join(root, c), "class folder holds no images "
                                  "(data.on_bad_image: skip trains without it)")
@@ -210,10 +222,12 @@ def content_key(items: list[tuple[str, int]], root: str, *extra: object) -> str:
 CACHE_FORMAT = 1
 
 
-def decoded_folder(cfg: DataConfig, root: str, field: str, bad: list) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def decoded_folder(cfg: DataConfig, root: str, field: str, bad: list,
+                   held_out: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """An ImageFolder of small images as ``(uint8 NHWC, labels, classes)``: decoded once, then
-    memory-mapped from ``<cache_dir>/decoded/<content key>/`` on every later run."""
-    items, classes = image_folder_paths(root, field, cfg.on_bad_image, bad)
+    memory-mapped from ``<cache_dir>/decoded/<content key>/`` on every later run. Labels index
+    ``classes`` (this folder's own; see ``image_folder_paths`` for ``held_out``)."""
+    items, classes = image_folder_paths(root, field, cfg.on_bad_image, bad, held_out=held_out)
     if not cfg.cache:
         images, labels = _decode_all(items, cfg.on_bad_image, bad, field)
         return images, labels, classes
@@ -250,10 +264,9 @@ def _cifar10(cfg: DataConfig) -> Source:
         tr_images, tr_labels, classes = decoded_folder(cfg, os.path.join(root, "train"), "data.root", bad)
         val_bad: list = []
         va_images, va_labels, val_classes = decoded_folder(cfg, os.path.join(root, val_split), "data.val_split",
-                                                           val_bad)
-        if val_classes != classes:
-            raise FieldError("data.val_split", val_split, _class_mismatch(val_classes, classes))
-        bad += val_bad
+                                                           val_bad, held_out=True)
+        va_labels = held_out_labels(val_classes, classes, val_split)[va_labels]  # (the cache keeps its own)
+        bad += val_bad + not_held_out(os.path.join(root, val_split), classes, va_labels)
         train, val = (_nchw(tr_images), torch.from_numpy(tr_labels)), (_nchw(va_images), torch.from_numpy(va_labels))
     else:
         from torchvision.datasets import CIFAR10
@@ -318,12 +331,13 @@ def _imagefolder(cfg: DataConfig) -> Source:
     else:
         train_root, field = os.path.join(cfg.root, "train"), "data.root"
     train_items, classes = image_folder_paths(train_root, field, cfg.on_bad_image, bad)
-    val_items, val_classes = image_folder_paths(os.path.join(cfg.root, val_split), "data.val_split",
-                                                 cfg.on_bad_image, bad)
-    if val_classes != classes:
-        raise FieldError("data.val_split", val_split, _class_mismatch(val_classes, classes))
+    val_root = os.path.join(cfg.root, val_split)
+    val_items, val_classes = image_folder_paths(val_root, "data.val_split", cfg.on_bad_image, bad, held_out=True)
+    to_train = held_out_labels(val_classes, classes, val_split)
+    val_items = [(path, int(to_train[k])) for path, k in val_items]
+    bad += not_held_out(val_root, classes, [k for _, k in val_items])
     _first_readable(train_items, field, train_root)
-    _first_readable(val_items, "data.val_split", os.path.join(cfg.root, val_split))
+    _first_readable(val_items, "data.val_split", val_root)
     return Source(FileImages(train_items), FileImages(val_items), num_classes=len(classes), channels=3,
                   mean=IMAGENET_MEAN, std=IMAGENET_STD, native_size=None, bad=bad, copies=copies)
 
