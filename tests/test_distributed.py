@@ -94,6 +94,22 @@ def test_two_ranks_match_one_process_with_policies_and_mixing(tmp_path):
     assert abs(first[0] - first[1]) < 1e-6
 
 
+def test_micro_batches_under_two_ranks_match_one_process(tmp_path):
+    """Accumulation under DDP (the chunks before the last skip the all-reduce): two ranks in chunks of 4
+    images are one process in chunks of 8 -- with SyncBN, each pair of rank chunks is the same 8 images
+    of the global batch as the single process's chunk, so even BatchNorm sees the same batches."""
+    recipe = copy.deepcopy(RECIPE)
+    recipe["train"]["clip_grad_norm"] = 1.0
+    one, two = copy.deepcopy(recipe), recipe
+    one["train"]["micro_batch_size"], two["train"]["micro_batch_size"] = 8, 4
+    single("train", write_recipe(tmp_path, one, "one.yaml"), "--out", str(tmp_path / "one"), cwd=str(tmp_path))
+    torchrun(2, "train", write_recipe(tmp_path, two, "two.yaml"), "--out", str(tmp_path / "two"), cwd=str(tmp_path))
+    assert_close(weights(tmp_path / "one"), weights(tmp_path / "two"))
+    norms = [[r["grad_norm"] for r in rundir.read_metrics(str(tmp_path / d)) if "grad_norm" in r]
+             for d in ("one", "two")]
+    assert len(norms[0]) == 12 and norms[0] == pytest.approx(norms[1], rel=1e-4)
+
+
 def test_resume_under_two_ranks(runs):
     d, recipe = runs
     torchrun(2, "train", recipe, "--out", str(d / "two-resumed"), "--max-steps", "4", cwd=str(d))

@@ -39,6 +39,11 @@ class Targets:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __getitem__(self, rows: slice) -> Targets:
+        """The targets of some of the batch's images (a micro-batch)."""
+        return Targets(self.labels[rows], None if self.partner is None else self.partner[rows], self.lam,
+                       self.smoothing)
+
     def dense(self, classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Class probabilities, before smoothing."""
         out = F.one_hot(self.labels, classes).to(dtype)

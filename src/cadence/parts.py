@@ -9,6 +9,7 @@ scheduler, grad scaler, autocast, loss and input normalisation. ``Parts.forward_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from dataclasses import dataclass
@@ -109,6 +110,9 @@ class Parts:
     criterion: nn.Module  # logits, labels or mixing.Targets -> loss
     normalize: Callable[[torch.Tensor], torch.Tensor]  # uint8 batch -> normalised float on the device
     device: torch.device
+    micro_batch: int | None = None  # split each batch's forward/backward into chunks of this many images
+    clip_grad_norm: float | None = None  # clip the gradients' global norm to this before each update
+    ddp: nn.Module | None = None  # the DistributedDataParallel wrapper, if any (its no_sync)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -128,20 +132,51 @@ class Parts:
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor | mixing.Targets) -> torch.Tensor:
         """Loss of a normalised batch against labels or ``Targets``, gradients (scaled under fp16) in
-        ``.grad``; returns the loss."""
-        self.model.train()
-        with self.autocast:
-            loss = self.criterion(self.forward(x), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        return loss.detach()
+        ``.grad``; returns the loss (the batch's mean).
 
-    def update(self, ema: bool = True) -> None:
-        """The optimizer step on the gradients (through the grad scaler), then the EMA's."""
+        With ``micro_batch``, the batch goes through in chunks of that many images, each chunk's loss
+        weighted by its share of the batch, so the gradients sum to the whole batch's (exactly so for
+        a model without BatchNorm in training mode: BatchNorm normalises each chunk by its own
+        statistics, and its running averages take one update per chunk). Under DDP the chunks
+        before the last skip the gradient all-reduce (``no_sync``)."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        n = len(x)
+        if not self.micro_batch or self.micro_batch >= n:
+            with self.autocast:
+                loss = self.criterion(self.forward(x), y)
+            self.scaler.scale(loss).backward()
+            return loss.detach()
+        total = 0.0
+        starts = range(0, n, self.micro_batch)
+        for i, a in enumerate(starts):
+            chunk = slice(a, a + self.micro_batch)
+            quiet = self.ddp.no_sync() if self.ddp is not None and i < len(starts) - 1 else contextlib.nullcontext()
+            with quiet:
+                with self.autocast:
+                    loss = self.criterion(self.forward(x[chunk]), y[chunk]) * (len(x[chunk]) / n)
+                self.scaler.scale(loss).backward()
+            total = total + loss.detach()
+        return total
+
+    def update(self, ema: bool = True, norm: bool = False) -> torch.Tensor | None:
+        """The optimizer step on the gradients (through the grad scaler; clipped to ``clip_grad_norm``
+        if set), then the EMA's. Returns the gradients' global L2 norm before clipping (unscaled under
+        fp16) if clipping or ``norm``, else None -- as a tensor: reading it waits for the device."""
+        total = None
+        if self.clip_grad_norm or norm:
+            self.scaler.unscale_(self.optimizer)
+            grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            if self.clip_grad_norm:
+                total = torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                                       self.clip_grad_norm, foreach=True)
+            else:
+                total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if ema and self.ema is not None:
             self.ema.update_parameters(self.model)
+        return total
 
     def with_lr(self, recipe: Recipe, timeline: Timeline) -> Parts:
         """These parts with the optimizer and scheduler of ``recipe``/``timeline`` (e.g. once
@@ -178,7 +213,9 @@ def build_parts(setup: Setup) -> Parts:
         wrapped = DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
     forward = torch.compile(wrapped) if r.train.compile else wrapped
     normalize = data.normalizer(setup.source, dev, r.train.channels_last)
-    return Parts(model, forward, ema, optimizer, scheduler, scaler, autocast, criterion, normalize, dev)
+    return Parts(model, forward, ema, optimizer, scheduler, scaler, autocast, criterion, normalize, dev,
+                 micro_batch=r.train.micro_batch_size, clip_grad_norm=r.train.clip_grad_norm,
+                 ddp=wrapped if setup.dist.active else None)
 
 
 def whitening_sample(setup: Setup, n: int = 5000) -> torch.Tensor:

@@ -180,6 +180,8 @@ class TrainConfig:
     eval_batch_size: int = 256
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0: only at epoch ends)
     log_every: int = 1  # optimizer steps between metrics.jsonl rows
+    micro_batch_size: int | None = None  # per process: split each batch into chunks of this many (accumulation)
+    clip_grad_norm: float | None = None  # clip the gradients' global L2 norm to this before each update
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a non-finite loss: stop (exit 1) | skip that update
     ema: float | None = None  # weight EMA decay per optimizer step (e.g. 0.99): evaluate the averaged weights
     tta: Literal["none", "flip"] = "none"  # evaluation: average the logits of the image and its mirror
@@ -198,6 +200,10 @@ class TrainConfig:
         _check(not isinstance(self.eval_every, int) or self.eval_every >= 1, "eval_every", self.eval_every,
                "must be a number of steps >= 1, or epoch, stage or end")
         _check(self.ema is None or 0 < self.ema < 1, "ema", self.ema, "must be in (0, 1) (or unset)")
+        _check(self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size",
+               self.micro_batch_size, "must be >= 1 (or unset: the whole per-process batch at once)")
+        _check(self.clip_grad_norm is None or 0 < self.clip_grad_norm < float("inf"), "clip_grad_norm",
+               self.clip_grad_norm, "must be positive and finite (or unset: no clipping)")
         _check(self.bce_target_threshold is None or (self.loss == "bce" and 0 <= self.bce_target_threshold < 1),
                "bce_target_threshold", self.bce_target_threshold, "must be in [0, 1), with loss: bce")
 
@@ -243,6 +249,12 @@ class Recipe:
             progress=self.schedule.progress, reference_batch_size=o.reference_batch_size,
             lr_scaling=o.lr_scaling, world_size=world_size, drop_last=self.data.drop_last)
         t.regularization = self.stage_regularization()
+        micro = self.train.micro_batch_size
+        for k, st in enumerate(self.stages):
+            local = st.batch_size // world_size
+            _check(micro is None or local % micro == 0, "train.micro_batch_size", micro,
+                   f"does not divide stage {k}'s per-process batch of {local} images ({st.batch_size} over "
+                   f"{world_size} process(es))")
         return t
 
     @property

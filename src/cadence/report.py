@@ -145,12 +145,14 @@ def plan_table(timeline: Timeline) -> str:
 
 
 def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
-    """Training loss, held-out top-1 and LR against optimizer steps (left) and wall time (right),
-    with stage boundaries dashed."""
+    """Training loss, held-out top-1, LR and (if logged) the gradient norm against optimizer steps
+    (left) and wall time (right), with stage boundaries dashed."""
     train = [r for r in rows if "loss" in r and "val_top1" not in r and math.isfinite(r["loss"])]  # not skipped
     evals = [r for r in rows if "val_top1" in r]
     starts = [r for i, r in enumerate(train) if i == 0 or r["stage"] != train[i - 1]["stage"]]
-    fig, axes = plt.subplots(3, 2, figsize=(12, 8), sharex="col", constrained_layout=True)
+    norms = [r for r in train if "grad_norm" in r]
+    fig, axes = plt.subplots(4 if norms else 3, 2, figsize=(12, 10.5 if norms else 8), sharex="col",
+                             constrained_layout=True)
     for c, key in enumerate(("step", "time")):
         ax = axes[0][c]
         xs = [r[key] for r in train]
@@ -171,6 +173,13 @@ def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
         if _wide_range([r["lr"] for r in train]):
             ax.set_yscale("log")
         ax.set_ylabel("LR")
+        if norms:
+            ax = axes[3][c]
+            ax.plot([r[key] for r in norms], [r["grad_norm"] for r in norms], color="C4", alpha=0.35, linewidth=0.8)
+            ax.plot([r[key] for r in norms], smooth([r["grad_norm"] for r in norms]), color="C4", linewidth=1.4)
+            if _wide_range([r["grad_norm"] for r in norms]):
+                ax.set_yscale("log")
+            ax.set_ylabel("gradient norm\n(before clipping)")
         for i, row in enumerate(axes):
             _mark_stages(row[c], [r[key] for r in starts],
                          [f"S{r['stage']}: {r.get('resolution', '')}px" for r in starts], top=i == 0)

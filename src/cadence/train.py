@@ -68,6 +68,7 @@ class Trainer:
         scaler = self.parts.scaler
         self.guard.scale = lambda: scaler.get_scale() if scaler.is_enabled() else None
         self.mixers = [BatchMixer(reg, r.seed) for reg in self.timeline.regularization]  # per stage
+        self.grad_norm: torch.Tensor | None = None  # of the last step, when asked for
         self.signals = Signals()
         self.step = 0
         self.saved_step: int | None = None  # step of the last checkpoint written or loaded
@@ -155,19 +156,22 @@ class Trainer:
 
     # -- the work ----------------------------------------------------------------------------------
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor | Targets, guard: bool = False) -> torch.Tensor:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor | Targets, guard: bool = False,
+                   norm: bool = False) -> torch.Tensor:
         """One optimizer step on a normalised (and mixed) batch at the LR/momentum the scheduler has set;
         then the scheduler moves on. With ``guard``, a non-finite loss follows ``train.on_nonfinite``
-        (:mod:`cadence.guard`): a skipped step also puts the BatchNorm statistics back."""
+        (:mod:`cadence.guard`): a skipped step also puts the BatchNorm statistics back. ``grad_norm``
+        holds the step's gradient norm (a tensor) if clipping or ``norm`` asked for it, else None."""
         p = self.parts
         skip = guard and self.guard.policy == "skip"
         buffers = [b.detach().clone() for b in p.model.buffers()] if skip else []  # BatchNorm statistics
         loss = p.forward_backward(x, y)
+        self.grad_norm = None
         if guard and self.guard.should_skip(loss, self.step):
             for b, before in zip(p.model.buffers(), buffers):
                 b.copy_(before)
         else:
-            p.update()
+            self.grad_norm = p.update(norm=norm)
         p.scheduler.step()
         return loss
 
@@ -231,10 +235,11 @@ class Trainer:
                 bar.update(1)
                 continue
             x, y = self.mixers[k](p.normalize(x), y.to(self.device, non_blocking=True), s)
-            loss = self.train_step(x, y, guard=True)
+            logged = s % r.train.log_every == 0 or s + 1 == last
+            loss = self.train_step(x, y, guard=True, norm=logged)
             self.step += 1
             images += len(y)
-            if s % r.train.log_every == 0 or self.step == last:
+            if logged:
                 now = time.perf_counter()
                 self.elapsed += now - tick
                 self.guard.check_deferred()
@@ -242,6 +247,7 @@ class Trainer:
                 log.write({"step": s, "stage": k, "epoch": e, "lr": lr, "momentum": momentum,
                            "loss": loss_value, "samples_seen": t.samples_seen[s], "time": round(self.elapsed, 3),
                            "resolution": stage.resolution, **self._skip_count(),
+                           **({"grad_norm": self.grad_norm.item()} if self.grad_norm is not None else {}),
                            **({"bad_images": self.bad.count} if self.bad.count else {})})
                 bar.set_postfix(lr=f"{lr:.3g}", loss=f"{loss_value:.3f}",
                                 img_s=f"{images / max(now - tick, 1e-9):.0f}", refresh=False)
