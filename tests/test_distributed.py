@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -108,6 +110,47 @@ def test_micro_batches_under_two_ranks_match_one_process(tmp_path):
     norms = [[r["grad_norm"] for r in rundir.read_metrics(str(tmp_path / d)) if "grad_norm" in r]
              for d in ("one", "two")]
     assert len(norms[0]) == 12 and norms[0] == pytest.approx(norms[1], rel=1e-4)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def test_torchrun_max_restarts_continues_after_a_worker_is_killed(tmp_path):
+    """The launch line is idempotent: when one of two workers is killed mid-run, torchrun
+    (--max-restarts=1) starts both again with the same `train RECIPE --out DIR`, which continues from
+    the last checkpoint; the job ends with the weights of an uninterrupted one."""
+    recipe = copy.deepcopy(RECIPE)
+    recipe["stages"] = [{"epochs": 6, "resolution": 12, "batch_size": 16, "data_fraction": 0.5},
+                        {"epochs": 4, "resolution": 16, "batch_size": 32}]  # 30 steps
+    recipe["train"]["checkpoint_every"] = 2
+    path = write_recipe(tmp_path, recipe)
+    torchrun(2, "train", path, "--out", str(tmp_path / "whole"), cwd=str(tmp_path))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           "-m", "cadence", "train", path, "--out", str(tmp_path / "killed"), "--quiet"]
+    agent = subprocess.Popen(cmd, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 12):
+        time.sleep(0.05)
+    workers = _children(agent.pid)
+    assert len(workers) == 2, workers
+    os.kill(max(workers), signal.SIGKILL)  # one worker dies mid-run
+    _, err = agent.communicate(timeout=600)
+    assert agent.returncode == 0, err[-3000:]
+    assert "holds a run of this recipe" in err  # the restarted workers continued the run
+    assert_close(weights(tmp_path / "whole"), weights(tmp_path / "killed"), rtol=1e-6)
+    assert lrs(tmp_path / "killed") == lrs(tmp_path / "whole")
 
 
 def test_resume_under_two_ranks(runs):

@@ -218,14 +218,28 @@ def test_bad_training_input_exits_2_and_leaves_nothing(tmp_path, override, field
 
 
 @pytest.mark.slow
-def test_an_existing_run_is_not_overwritten(tmp_path, capsys):
+def test_launching_again_into_a_run_folder_continues_the_same_recipe_and_refuses_another(tmp_path, capsys):
+    """``train RECIPE --out DIR`` is idempotent (a requeued job runs the same line again): the same
+    recipe continues the run exactly; a different one is refused as ``--resume`` refuses it."""
     recipe = write_recipe(tmp_path, TINY)
-    assert cli.main(["train", recipe, "--out", str(tmp_path / "r"), "--quiet", "--max-steps", "1"]) == 0
+    assert cli.main(["train", recipe, "--out", str(tmp_path / "whole"), "--quiet"]) == 0
+    assert cli.main(["train", recipe, "--out", str(tmp_path / "r"), "--quiet", "--max-steps", "5"]) == 0
     before = (tmp_path / "r" / "checkpoints" / "last.pt").read_bytes()
     capsys.readouterr()
-    assert cli.main(["train", recipe, "--out", str(tmp_path / "r"), "--quiet"]) == 2
-    assert "--resume" in capsys.readouterr().err
+    assert cli.main(["train", recipe, "--out", str(tmp_path / "r"), "--quiet", "--set", "optimizer.lr=0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--on-recipe-change" in err[0] and err[1:] == ["  optimizer.lr: 0.05 -> 0.5   [schedule]"]
     assert (tmp_path / "r" / "checkpoints" / "last.pt").read_bytes() == before
+    assert cli.main(["train", recipe, "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    assert "holds a run of this recipe, at step 5: continuing it" in capsys.readouterr().err
+    a = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=False)
+    assert a["step"] == b["step"] == 12
+    for name, x in a["model"].items():
+        assert torch.equal(x, b["model"][name]), name
+    assert train_rows(str(tmp_path / "whole")) == train_rows(str(tmp_path / "r"))
+    assert cli.main(["train", recipe, "--out", str(tmp_path / "r"), "--quiet"]) == 0  # finished: says so again
+    assert "held-out top-1" in capsys.readouterr().out
 
 
 @pytest.mark.slow

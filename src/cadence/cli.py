@@ -70,8 +70,7 @@ def cmd_prepare(args) -> int:
 def _resolve_recipe(args):
     """The recipe to train: RECIPE (+ --set), or, when resuming, the run's own recipe.yaml.
     (A resumed run's recipe is checked against its checkpoint's in ``changes.reconcile``.)"""
-    from cadence.compare import as_recorded
-    from cadence.recipe import load_recipe
+    from cadence.recipe import as_recorded, load_recipe
     from cadence.rundir import RunDir
 
     if args.resume:

@@ -15,13 +15,8 @@ from typing import Callable
 import yaml
 
 from cadence.errors import FieldError
-from cadence.recipe import Recipe, load_recipe, with_lr
+from cadence.recipe import as_recorded, load_recipe
 from cadence.rundir import RunDir, finished, read_metrics
-
-
-def as_recorded(recipe: Recipe, run_recipe: Recipe) -> Recipe:
-    """``recipe``, with the LR the run's range test chose if ``recipe`` says ``optimizer.lr: auto``."""
-    return with_lr(recipe, run_recipe.optimizer.lr) if recipe.optimizer.lr == "auto" else recipe
 
 
 def _each_once(paths: list[str]) -> None:

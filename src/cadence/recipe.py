@@ -497,3 +497,8 @@ def with_lr(recipe: Recipe, lr: float) -> Recipe:
     raw = copy.deepcopy(recipe.raw)
     raw.setdefault("optimizer", {})["lr"] = lr
     return recipe_from_dict(raw)
+
+
+def as_recorded(recipe: Recipe, run_recipe: Recipe) -> Recipe:
+    """``recipe``, with the LR the run's range test chose if ``recipe`` says ``optimizer.lr: auto``."""
+    return with_lr(recipe, run_recipe.optimizer.lr) if recipe.optimizer.lr == "auto" else recipe

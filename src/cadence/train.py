@@ -368,19 +368,24 @@ def train(setup: Setup, run_dir: str, *, resume: bool = False, stop_at: int | No
 
 def launch(recipe, recipe_file: str | None, run_dir: str, *, resume: bool = False, on_recipe_change: str | None = None,
            stop_at: int | None = None, progress: bool = True, say=lambda line: None) -> tuple[Trainer, dict | None]:
-    """What ``cadence train`` does after reading the recipe: check it against data and machine; for a
-    new run, refuse a folder that holds one; for ``resume``, take the folder's lock, read and vet the
-    checkpoint and reconcile a changed recipe (``on_recipe_change``); resolve ``optimizer.lr: auto``;
-    then train. ``say`` gets the lines a user reads on stderr (rank 0 only)."""
+    """What ``cadence train`` does after reading the recipe: check it against data and machine; for
+    ``resume`` -- or a new run into a folder that already holds a run (a requeued job: launching is
+    idempotent) -- take the folder's lock, read and vet the checkpoint and reconcile a changed recipe
+    (``on_recipe_change``) as ``--resume`` does; resolve ``optimizer.lr: auto``; then train. ``say``
+    gets the lines a user reads on stderr (rank 0 only)."""
     from cadence import changes
     from cadence.lr_finder import auto_lr_line
     from cadence.parts import build_setup
+    from cadence.recipe import as_recorded, load_recipe
 
+    run = RunDir(run_dir)
+    again = not resume and run.has_checkpoint()  # the same launch, run again: continue the run in the folder
+    if again:
+        if not run.has_recipe():
+            raise FieldError("--out", run.path, "holds checkpoints/last.pt but no recipe.yaml: not a cadence run")
+        recipe, resume = as_recorded(recipe, load_recipe(run.recipe)), True
     setup = build_setup(recipe, recipe_file)
     say = say if setup.dist.main else (lambda line: None)
-    run = RunDir(run_dir)
-    if not resume and run.has_checkpoint():
-        raise FieldError("--out", run.path, "already holds a run (use --resume to continue it)")
     run.refuse_if_lost("--resume" if resume else "--out")  # (train() checks again; here: before any range test)
     if not resume and (why := run.cannot_create()):
         raise FieldError("--out", run.path, f"cannot create it: {why}")
@@ -393,6 +398,9 @@ def launch(recipe, recipe_file: str | None, run_dir: str, *, resume: bool = Fals
             at = changes.reconcile(state, setup.recipe, setup.timeline, run.path, on_recipe_change,
                                    recipe_file=recipe_file, train_samples=len(setup.source.train),
                                    world_size=setup.dist.world, write=setup.dist.main)
+            if again:
+                say(f"cadence: {run} holds a run of this recipe, at step {state['step']:,}: continuing it "
+                    "(as --resume would)")
         elif resume:
             say(f"cadence: {run} was stopped before its first checkpoint: training it from step 0")
         if recipe.optimizer.lr == "auto":
