@@ -72,6 +72,16 @@ def assert_same_state(a: train.Trainer, b: train.Trainer) -> None:
             assert torch.equal(x, sb["state"][k][name]), (k, name)
 
 
+def assert_same_run(a, b, steps: int) -> None:
+    """Two run folders ended at ``steps`` with the same weights, bit for bit, and the same metrics."""
+    ca = torch.load(os.path.join(a, "checkpoints", "last.pt"), weights_only=False)
+    cb = torch.load(os.path.join(b, "checkpoints", "last.pt"), weights_only=False)
+    assert ca["step"] == cb["step"] == steps
+    for name, x in ca["model"].items():
+        assert torch.equal(x, cb["model"][name]), name
+    assert train_rows(str(a)) == train_rows(str(b))
+
+
 # -- image files -----------------------------------------------------------------------------------
 
 

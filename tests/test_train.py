@@ -17,7 +17,8 @@ from cadence.errors import FieldError
 from cadence.models import build_model
 from cadence.recipe import recipe_from_dict
 from cadence.report import read_plan_csv
-from helpers import LONG_TINY, ROOT, TINY, signal_mid_run, assert_same_state, run, train_rows, write_recipe
+from helpers import (LONG_TINY, ROOT, TINY, assert_same_run, assert_same_state, run, signal_mid_run, train_rows,
+                     write_recipe)
 
 # The shared CIFAR-10 JPEGs: $CADENCE_CIFAR10_TAR, or ../shared/data beside the checkout (never in it).
 CIFAR_TAR = os.environ.get("CADENCE_CIFAR10_TAR") or next(
@@ -68,12 +69,7 @@ def test_resume_through_the_cli(tmp_path, capsys):
     assert cli.main(["train", recipe, "--out", str(tmp_path / "b"), "--quiet", "--max-steps", "5"]) == 0
     assert "stopped after step 5" in capsys.readouterr().out
     assert cli.main(["train", "--resume", str(tmp_path / "b"), "--quiet"]) == 0
-    a = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)
-    assert a["step"] == b["step"] == 12
-    for name, x in a["model"].items():
-        assert torch.equal(x, b["model"][name]), name
-    assert train_rows(str(tmp_path / "a")) == train_rows(str(tmp_path / "b"))
+    assert_same_run(tmp_path / "a", tmp_path / "b", steps=12)
 
 
 @pytest.mark.slow
@@ -232,12 +228,7 @@ def test_launching_again_into_a_run_folder_continues_the_same_recipe_and_refuses
     assert (tmp_path / "r" / "checkpoints" / "last.pt").read_bytes() == before
     assert cli.main(["train", recipe, "--out", str(tmp_path / "r"), "--quiet"]) == 0
     assert "holds a run of this recipe, at step 5: continuing it" in capsys.readouterr().err
-    a = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=False)
-    assert a["step"] == b["step"] == 12
-    for name, x in a["model"].items():
-        assert torch.equal(x, b["model"][name]), name
-    assert train_rows(str(tmp_path / "whole")) == train_rows(str(tmp_path / "r"))
+    assert_same_run(tmp_path / "whole", tmp_path / "r", steps=12)
     assert cli.main(["train", recipe, "--out", str(tmp_path / "r"), "--quiet"]) == 0  # finished: says so again
     assert "held-out top-1" in capsys.readouterr().out
 
