@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -73,6 +74,7 @@ def params(optimizer) -> list[torch.Tensor]:
 @settings(max_examples=24)
 @given(kind=st.sampled_from(sorted(SCHEDULES)), opt=st.sampled_from(["sgd", "adamw"]),
        ratio=st.floats(0.01, 3.0), data=st.data())
+@pytest.mark.filterwarnings("ignore:StepScheduler stepped past the end")  # on purpose: the last values hold
 def test_state_dict_round_trip_at_any_step_continues_identically(kind, opt, ratio, data):
     lr = 0.2
     timeline = timeline_for(kind, lr=lr)
@@ -151,11 +153,37 @@ def test_two_groups_match_onecyclelr_with_two_max_lrs():
             assert glr == pytest.approx(wlr, rel=1e-9) and gm == pytest.approx(wm, rel=1e-9), s
 
 
-def test_past_the_end_the_last_values_hold():
+def test_past_the_end_the_last_values_hold_with_one_warning():
     timeline = timeline_for("cyclic")
     optimizer = two_group_optimizer("sgd", 0.2, 1.0)
-    seen = train_steps(optimizer, StepScheduler(optimizer, timeline), len(timeline) + 5)
+    sched = StepScheduler(optimizer, timeline)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        seen = train_steps(optimizer, sched, len(timeline))
+        assert not caught  # the whole plan, and the step after its last: no warning
+        seen += train_steps(optimizer, sched, 5)
     assert [s[0] for s in seen[len(timeline) - 1:]] == [(timeline.lr[-1], timeline.momentum[-1])] * 6
+    assert [str(w.message).split(":")[0] for w in caught] == [
+        f"StepScheduler stepped past the end of its plan ({len(timeline):,} optimizer steps)"]
+
+
+def test_an_optimizer_lr_that_is_not_the_plans_peak_warns_and_from_recipe_sets_it():
+    from cadence.recipe import recipe_from_dict
+    from helpers import GOOD
+
+    recipe = recipe_from_dict(GOOD)  # optimizer.lr: 0.1
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.004}], lr=0.001)
+    with pytest.warns(UserWarning, match=r"the optimizer's LR 0.001 is not the plan's peak LR 0.1 .* scaled by 0.01"):
+        StepScheduler(optimizer, recipe.timeline())
+    optimizer = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.004}], lr=0.001)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched = StepScheduler.from_recipe(optimizer, recipe)
+    timeline = recipe.timeline()
+    assert optimizer.param_groups[0]["lr"] == timeline.lr[0]
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(4 * timeline.lr[0])  # its ratio kept
+    assert len(sched.timeline) == len(timeline)
 
 
 def test_a_schedule_that_does_not_cycle_momentum_leaves_it_alone():

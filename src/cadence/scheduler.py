@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -23,17 +24,40 @@ class StepScheduler(LRScheduler):
 
     Works in any loop::
 
-        timeline = recipe.timeline(train_samples=len(dataset))
-        sched = StepScheduler(optimizer, timeline)
+        sched = StepScheduler.from_recipe(optimizer, recipe, train_samples=len(dataset))
         for x, y in loader:
             loss_fn(model(x), y).backward(); optimizer.step(); optimizer.zero_grad(); sched.step()
+
+    It warns (once) when the optimizer's LR is not the plan's peak (every LR of the plan is then
+    scaled by their ratio: ``from_recipe`` sets it), and when it is stepped past the end of its plan
+    (the classic mistake of stepping per micro-batch or per epoch; torch's OneCycleLR raises there).
     """
 
     def __init__(self, optimizer: Optimizer, timeline: Timeline, last_epoch: int = -1):
         if len(timeline) == 0:
             raise ValueError("the timeline has no steps")
         self.timeline = timeline
+        self._warned_past_end = False
+        first = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
+        if last_epoch == -1 and not math.isclose(first, timeline.base_lr, rel_tol=1e-12):
+            warnings.warn(f"StepScheduler: the optimizer's LR {first:g} is not the plan's peak LR "
+                          f"{timeline.base_lr:g} (optimizer.lr): every LR of the plan is scaled by "
+                          f"{first / timeline.base_lr:g}. StepScheduler.from_recipe sets the optimizer's LR "
+                          "from the recipe", UserWarning, stacklevel=2)
         super().__init__(optimizer, last_epoch)
+
+    @classmethod
+    def from_recipe(cls, optimizer: Optimizer, recipe, train_samples: int | None = None,
+                    world_size: int = 1) -> StepScheduler:
+        """The scheduler of ``recipe``'s plan for ``train_samples`` images on ``world_size`` processes,
+        with the optimizer's LR set to the recipe's peak (groups with their own LRs keep their ratio to
+        the first group's)."""
+        timeline = recipe.timeline(train_samples=train_samples, world_size=world_size)
+        ratio = timeline.base_lr / optimizer.param_groups[0]["lr"]
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * ratio
+            group.pop("initial_lr", None)
+        return cls(optimizer, timeline)
 
     def _index(self) -> int:
         return min(max(self.last_epoch, 0), len(self.timeline) - 1)
@@ -49,6 +73,11 @@ class StepScheduler(LRScheduler):
             # unreadable batch) still moves the plan on, by design: torch's warning about it is not for us
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
             super().step(epoch)
+        if self.last_epoch > len(self.timeline) and not self._warned_past_end:
+            self._warned_past_end = True
+            warnings.warn(f"StepScheduler stepped past the end of its plan ({len(self.timeline):,} optimizer "
+                          "steps): the last LR holds. Step it once per optimizer step -- not per micro-batch, "
+                          "not per epoch", UserWarning, stacklevel=2)
         if self.timeline.cycles_momentum:
             set_momentum(self.optimizer, self.timeline.momentum[self._index()])
 
