@@ -87,8 +87,10 @@ def test_an_accumulated_clipped_run_resumes_bit_for_bit_and_logs_the_norm(tmp_pa
     ("train.micro_batch_size", 0, "must be >= 1"),
     ("train.clip_grad_norm", 0, "must be positive and finite"),
     ("train.clip_grad_norm", -1.0, "must be positive and finite"),
+    ("train.keep_best", -1, "must be >= 0"),
+    ("train.keep_every", -2, "must be >= 0 epochs"),
 ])
-def test_bad_accumulation_and_clipping_exit_2(tmp_path, capsys, where, value, says):
+def test_bad_accumulation_clipping_and_retention_exit_2(tmp_path, capsys, where, value, says):
     path = write_recipe(tmp_path, GOOD)
     assert cadence_main(["plan", path, "--set", f"{where}={value}"]) == 2
     err = capsys.readouterr().err.strip()

@@ -493,3 +493,31 @@ for _ in range(3):
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     faults = min(int(line) for line in out.split())  # the steady state, as in a training loop
     assert faults < 1000 if tuned else faults >= 16 * 2**20 * 4 // 4096
+
+
+@pytest.mark.slow
+def test_kept_checkpoints_best_k_by_top1_and_every_n_epochs(tmp_path, capsys):
+    from cadence import checkpoint
+
+    raw = {**TINY, "train": {**TINY["train"], "keep_best": 2, "keep_every": 2}}
+    recipe = write_recipe(tmp_path, raw)
+    run_dir = tmp_path / "r"
+    assert cli.main(["train", recipe, "--out", str(run_dir), "--quiet"]) == 0
+    evals = [r for r in rundir.read_metrics(str(run_dir)) if "val_top1" in r]
+    assert [r["step"] for r in evals] == [3, 6, 9, 12]
+    best = sorted(evals, key=lambda r: (-r["val_top1"], r["step"]))[:2]
+    kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert kept == sorted(["last.pt", "epoch0002.pt", "epoch0004.pt"] + [f"best-step{r['step']:09d}.pt" for r in best])
+    for r in best:
+        state = checkpoint.load(str(run_dir / "checkpoints" / f"best-step{r['step']:09d}.pt"))
+        assert state["step"] == r["step"] and state["evals"][-1]["val_top1"] == r["val_top1"]
+    assert checkpoint.load(str(run_dir / "checkpoints" / "epoch0002.pt"))["step"] == 6
+    last, final = checkpoint.load(str(run_dir / "checkpoints" / "last.pt")), checkpoint.load(
+        str(run_dir / "checkpoints" / "epoch0004.pt"))
+    assert all(torch.equal(x, final["model"][k]) for k, x in last["model"].items())
+    capsys.readouterr()
+    assert cli.main(["eval", str(run_dir), "--checkpoint", "best"]) == 0
+    out = capsys.readouterr().out
+    assert f"at step {best[0]['step']}" in out and f"{100 * best[0]['val_top1']:.2f}%" in out
+    assert cli.main(["eval", str(run_dir), "--checkpoint", "nope.pt"]) == 2
+

@@ -138,12 +138,13 @@ def cmd_eval(args) -> int:
     run = RunDir(args.run_dir)
     if not run.has_checkpoint():
         raise FieldError("RUN_DIR", args.run_dir, "holds no checkpoints/last.pt")
+    path = run.kept(args.checkpoint)
     setup = parts.build_setup(load_recipe(run.recipe, args.sets), run.recipe)
-    state = checkpoint.load(run.last)
+    state = checkpoint.load(path)
     built = parts.build_parts(setup)
     built.load_weights(state)
     results = sweep(built, setup, resolutions)
-    at = f" (checkpoint at step {state['step']:,})"
+    at = f" ({'checkpoint' if path == run.last else os.path.basename(path)} at step {state['step']:,})"
     if len(results) == 1:
         print(_result_line(results[0]) + at)
         return 0
@@ -293,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a run's last checkpoint, at any resolution")
     p.add_argument("run_dir")
+    p.add_argument("--checkpoint", default="last", metavar="NAME",
+                   help="last (default), best (the best kept by train.keep_best), or a file in RUN_DIR/checkpoints")
     p.add_argument("--resolution", type=int, nargs="+", metavar="PX", help="evaluation resolution in px (default: "
                    "the recipe's); several: each is evaluated, then the best named (highest top-1; ties: the lowest)")
     _set_arg(p, help="override a field of the run's recipe, e.g. --set data.root=...")

@@ -179,6 +179,8 @@ class TrainConfig:
     eval_every: int | Literal["epoch", "stage", "end"] = "epoch"  # N: every N optimizer steps (and at the end)
     eval_batch_size: int = 256
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0: only at epoch ends)
+    keep_best: int = 0  # also keep the k checkpoints with the best held-out top-1 (checkpoints/best-step*.pt)
+    keep_every: int = 0  # also keep the checkpoint of every N-th epoch (checkpoints/epoch*.pt)
     log_every: int = 1  # optimizer steps between metrics.jsonl rows
     micro_batch_size: int | None = None  # per process: split each batch into chunks of this many (accumulation)
     clip_grad_norm: float | None = None  # clip the gradients' global L2 norm to this before each update
@@ -196,6 +198,8 @@ class TrainConfig:
                "set eval_resize or eval_crop_pct, not both")
         _check(self.eval_batch_size > 0, "eval_batch_size", self.eval_batch_size, "must be positive")
         _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "must be >= 0")
+        _check(self.keep_best >= 0, "keep_best", self.keep_best, "must be >= 0 (0: keep only last.pt)")
+        _check(self.keep_every >= 0, "keep_every", self.keep_every, "must be >= 0 epochs (0: none)")
         _check(self.log_every >= 1, "log_every", self.log_every, "must be >= 1")
         _check(not isinstance(self.eval_every, int) or self.eval_every >= 1, "eval_every", self.eval_every,
                "must be a number of steps >= 1, or epoch, stage or end")

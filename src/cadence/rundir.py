@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import socket
 import time
 
@@ -56,6 +57,37 @@ class RunDir:
     @property
     def last(self) -> str:
         return os.path.join(self.checkpoints, "last.pt")
+
+    def best(self, step: int) -> str:
+        """One of the ``train.keep_best`` checkpoints: the weights evaluated after ``step`` steps."""
+        return os.path.join(self.checkpoints, f"best-step{step:09d}.pt")
+
+    def best_steps(self) -> list[int]:
+        """The steps of the best checkpoints kept in the folder."""
+        if not os.path.isdir(self.checkpoints):
+            return []
+        return sorted(int(m.group(1)) for n in os.listdir(self.checkpoints)
+                      if (m := re.fullmatch(r"best-step(\d{9})\.pt", n)))
+
+    def kept(self, name: str) -> str:
+        """A checkpoint by name: ``last``, ``best`` (the kept best with the highest held-out top-1 in
+        ``metrics.jsonl``) or a file name in ``checkpoints/``. FieldError if there is none."""
+        if name == "last":
+            return self.last
+        if name == "best":
+            steps = set(self.best_steps())
+            scored = [(r["val_top1"], -r["step"]) for r in read_metrics(self) if "val_top1" in r and r["step"] in steps]
+            if not scored:
+                raise FieldError("--checkpoint", name, f"{self.checkpoints} holds no best-step*.pt (train.keep_best)")
+            return self.best(-max(scored)[1])
+        path = os.path.join(self.checkpoints, name)
+        if os.path.basename(name) != name or not os.path.lexists(path):
+            raise FieldError("--checkpoint", name, f"no such checkpoint in {self.checkpoints}")
+        return path
+
+    def epoch_checkpoint(self, epoch: int) -> str:
+        """The checkpoint kept at the end of ``epoch`` epochs (``train.keep_every``)."""
+        return os.path.join(self.checkpoints, f"epoch{epoch:04d}.pt")
 
     @property
     def tensorboard(self) -> str:

@@ -141,14 +141,32 @@ class Trainer:
             p.scheduler.jump(at)
             self.step = at
 
-    def save(self) -> None:
-        """Write ``checkpoints/last.pt`` (rank 0); never a diverged state (raises Diverged instead)."""
+    def save(self, *also: str) -> None:
+        """Write ``checkpoints/last.pt`` (and the same state to each path in ``also``) on rank 0;
+        never a diverged state (raises Diverged instead)."""
         self.guard.check_deferred()
         self.guard.check_weights(self.parts.model, self.step - 1)
         if self.main:  # every rank holds the same weights and optimizer state
-            checkpoint.save_atomic(self.state(), self.run.last)
+            state = self.state()
+            for path in (self.run.last, *also):
+                checkpoint.save_atomic(state, path)
             self.run.note_checkpoint(self.step)
         self._saved(self.step)
+
+    def _keep_best(self) -> None:
+        """``train.keep_best``: after an evaluation, keep its weights if they are among the k best by
+        held-out top-1 (ties: the earlier), and drop a kept one that no longer is."""
+        k = self.recipe.train.keep_best
+        if not k or not self.main:
+            return
+        ranked = sorted(self.evals, key=lambda r: (-r["val_top1"], r["step"]))[:k]
+        steps = {r["step"] for r in ranked}
+        if self.evals[-1]["step"] in steps and self.evals[-1]["step"] not in self.run.best_steps():
+            self.guard.check_weights(self.parts.model, self.step - 1)
+            checkpoint.save_atomic(self.state(), self.run.best(self.evals[-1]["step"]))
+        for step in self.run.best_steps():
+            if step not in steps:
+                os.remove(self.run.best(step))
 
     def _saved(self, step: int) -> None:
         self.saved_step = step
@@ -266,7 +284,8 @@ class Trainer:
         stage_end = self.step == t.stage_starts[k + 1]
         if r.train.eval_every == "epoch" or (r.train.eval_every == "stage" and stage_end):
             self._eval(log)
-        self.save()
+        every = r.train.keep_every
+        self.save(*([self.run.epoch_checkpoint(e + 1)] if every and (e + 1) % every == 0 else []))
 
     def _eval(self, log: MetricsLog) -> dict:
         t, at = self.timeline, self.step - 1
@@ -275,6 +294,7 @@ class Trainer:
                   **self._skip_count()}
         log.write(result)
         self.evals.append(result)
+        self._keep_best()
         return result
 
     def _skip_count(self) -> dict:
