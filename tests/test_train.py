@@ -349,9 +349,11 @@ def test_weight_ema_follows_its_recurrence_is_evaluated_and_resumes_exactly(tmp_
     for b, m in zip(trainer.parts.ema.module.buffers(), trainer.parts.model.buffers()):  # BatchNorm statistics averaged too
         assert b.dtype != torch.float32 or not torch.equal(b, m)
     result = trainer.evaluate()
+    raw_result = {k[4:]: v for k, v in result.items() if k.startswith("raw_")}
     trainer.parts.model.load_state_dict(trainer.parts.ema.module.state_dict())
-    trainer.parts.ema = None
-    assert trainer.evaluate() == result  # evaluation used the averaged weights
+    ema, trainer.parts.ema = trainer.parts.ema, None
+    assert trainer.evaluate() == {k: v for k, v in result.items() if not k.startswith("raw_")}  # the average's
+    assert set(raw_result) == {"val_loss", "val_top1"} and raw_result["val_loss"] != result["val_loss"]
 
     full, final = run(raw, str(tmp_path / "full"))
     run(raw, str(tmp_path / "part"), stop_at=5)
@@ -520,4 +522,33 @@ def test_kept_checkpoints_best_k_by_top1_and_every_n_epochs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"at step {best[0]['step']}" in out and f"{100 * best[0]['val_top1']:.2f}%" in out
     assert cli.main(["eval", str(run_dir), "--checkpoint", "nope.pt"]) == 2
+
+
+@pytest.mark.slow
+def test_ema_half_life_in_images_follows_each_stages_batch_with_warmup_and_resumes_exactly(tmp_path):
+    """``train.ema: "40 samples"``: the decay of a step of b images is 0.5 ** (b / 40) -- stage 0's
+    batches of 16 and stage 1's of 32 average over the same images -- capped by the warmup's
+    (1 + s) / (10 + s); the EMA follows that recurrence and resumes bit for bit."""
+    raw = {**TINY, "train": {**TINY["train"], "ema": "40 samples", "ema_warmup": True}}
+    setup = parts.build_setup(recipe_from_dict(raw))
+    t = setup.timeline
+    expect = [min(0.5 ** (b / 40), (1 + s) / (10 + s)) for s, b in enumerate(t.samples)]
+    assert t.ema_decay == expect and t.samples[0] == 16 and t.samples[-1] == 32
+    trainer = train.Trainer(setup, run_dir="")
+    ema, s = None, 0
+    for e in range(t.epoch[-1] + 1):  # every epoch of both stages, as the plan lays them out
+        for x, y in trainer.loader(t.stage[t.epoch_starts[e]], e):
+            assert len(y) == t.samples[s]
+            trainer.train_step(trainer.parts.normalize(x), y)
+            params = [p.detach().clone() for p in trainer.parts.model.parameters()]
+            ema = params if ema is None else [expect[s] * e + (1 - expect[s]) * p for e, p in zip(ema, params)]
+            s += 1
+    for e, p in zip(ema, trainer.parts.ema.module.parameters()):
+        torch.testing.assert_close(e, p, rtol=1e-5, atol=1e-6)
+    full, final = run(raw, str(tmp_path / "full"))
+    run(raw, str(tmp_path / "part"), stop_at=7)
+    resumed, _ = run(raw, str(tmp_path / "part"), resume=True)
+    for (name, x), (_, y) in zip(full.parts.ema.state_dict().items(), resumed.parts.ema.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert "raw_val_top1" in final and "val_top1" in final
 

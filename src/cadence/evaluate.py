@@ -12,11 +12,13 @@ from cadence.parts import Parts, Setup
 
 @torch.no_grad()
 def evaluate(parts: Parts, source: data.Source, resolution: int, *, batch_size: int = 256, tta: str = "none",
-             workers: int = 0, rank: int = 0, world: int = 1, crop_pct: float | None = None) -> dict:
-    """Held-out loss, top-1 and (with more than 5 classes) top-5 of ``parts.eval_model`` at
-    ``resolution`` px, over every rank's share (summed across ranks). ``tta='flip'``: the logits of
-    each image and its mirror are averaged. ``crop_pct``: see ``data.eval_loader``."""
-    model = parts.eval_model
+             workers: int = 0, rank: int = 0, world: int = 1, crop_pct: float | None = None,
+             raw: bool = False) -> dict:
+    """Held-out loss, top-1 and (with more than 5 classes) top-5 of ``parts.eval_model`` (``raw``: of
+    the trained weights, not their EMA) at ``resolution`` px, over every rank's share (summed across
+    ranks). ``tta='flip'``: the logits of each image and its mirror are averaged. ``crop_pct``: see
+    ``data.eval_loader``."""
+    model = parts.model if raw else parts.eval_model
     model.eval()
     total, loss_sum, correct1, correct5 = 0, 0.0, 0, 0
     k = min(5, source.num_classes)
@@ -44,12 +46,17 @@ def evaluate(parts: Parts, source: data.Source, resolution: int, *, batch_size: 
 def evaluate_recipe(parts: Parts, setup: Setup, resolution: int | None = None) -> dict:
     """``evaluate`` as the recipe says: its evaluation resolution (unless ``resolution``), crop rule
     (``train.eval_crop_pct``/``eval_resize``) at that resolution, batch size, TTA and workers, on this
-    process's share of the held-out set."""
+    process's share of the held-out set. With a weight EMA, the EMA's results, and the trained
+    weights' as ``raw_val_loss``, ``raw_val_top1`` (, ``raw_val_top5``)."""
     r = setup.recipe
     resolution = resolution or r.eval_resolution
-    return evaluate(parts, setup.source, resolution, batch_size=r.train.eval_batch_size, tta=r.train.tta,
-                    workers=r.data.workers(), rank=setup.dist.rank, world=setup.dist.world,
-                    crop_pct=r.eval_crop_pct_at(resolution))
+    kw = dict(batch_size=r.train.eval_batch_size, tta=r.train.tta, workers=r.data.workers(), rank=setup.dist.rank,
+              world=setup.dist.world, crop_pct=r.eval_crop_pct_at(resolution))
+    out = evaluate(parts, setup.source, resolution, **kw)
+    if parts.ema is not None:
+        out.update({f"raw_{k}": v for k, v in evaluate(parts, setup.source, resolution, raw=True, **kw).items()
+                    if k.startswith("val_")})
+    return out
 
 
 def sweep(parts: Parts, setup: Setup, resolutions: list[int | None]) -> list[dict]:

@@ -113,6 +113,7 @@ class Parts:
     micro_batch: int | None = None  # split each batch's forward/backward into chunks of this many images
     clip_grad_norm: float | None = None  # clip the gradients' global norm to this before each update
     ddp: nn.Module | None = None  # the DistributedDataParallel wrapper, if any (its no_sync)
+    ema_decay: list[float] | None = None  # the EMA's decay at each step, when it changes (a half-life, warmup)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -175,6 +176,11 @@ class Parts:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if ema and self.ema is not None:
+            if self.ema_decay is not None:  # this step's decay (the scheduler's clock: it has not moved yet)
+                from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+                decay = self.ema_decay[min(max(self.scheduler.last_epoch, 0), len(self.ema_decay) - 1)]
+                self.ema.multi_avg_fn = get_ema_multi_avg_fn(decay)
             self.ema.update_parameters(self.model)
         return total
 
@@ -201,7 +207,8 @@ def build_parts(setup: Setup) -> Parts:
     if r.train.ema is not None:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(r.train.ema), use_buffers=True)
+        decays = setup.timeline.ema_decay
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decays[0]), use_buffers=True)
     scheduler = StepScheduler(optimizer, setup.timeline)
     scaler = torch.amp.GradScaler(dev.type, enabled=r.train.precision == "fp16")
     autocast = torch.autocast(dev.type, dtype=DTYPES[r.train.precision], enabled=r.train.precision != "fp32")
@@ -215,7 +222,8 @@ def build_parts(setup: Setup) -> Parts:
     normalize = data.normalizer(setup.source, dev, r.train.channels_last)
     return Parts(model, forward, ema, optimizer, scheduler, scaler, autocast, criterion, normalize, dev,
                  micro_batch=r.train.micro_batch_size, clip_grad_norm=r.train.clip_grad_norm,
-                 ddp=wrapped if setup.dist.active else None)
+                 ddp=wrapped if setup.dist.active else None,
+                 ema_decay=setup.timeline.ema_decay if ema is not None and len(set(decays)) > 1 else None)
 
 
 def whitening_sample(setup: Setup, n: int = 5000) -> torch.Tensor:

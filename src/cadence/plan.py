@@ -90,6 +90,8 @@ class Timeline:
     base_lr: float = 0.0  # the recipe's peak LR, before batch-size scaling
     cycles_momentum: bool = False  # the schedule sets momentum (else ``momentum`` is the constant)
     regularization: list[Regularization] = field(default_factory=list)  # each stage's, resolved (if known)
+    ema_decay: list[float] | None = None  # the weight EMA's decay at each step (if the recipe averages)
+    ema_half_life: float | None = None  # in samples, when written as a duration
 
     def __len__(self) -> int:
         return len(self.stage)
@@ -234,6 +236,44 @@ def make_timeline(stages: list[Stage], train_samples: int, schedule: ScheduleSpe
     return t
 
 
+def ema_decays(t: Timeline, *, decay: float | None = None, half_life: Duration | None = None,
+               train_samples: int = 0, warmup: bool = False) -> list[float]:
+    """The weight EMA's decay for every step: ``decay`` at every step, or from a ``half_life``
+    (``N steps``: ``0.5 ** (1 / N)``; ``N samples`` or ``N epochs`` of ``train_samples`` images:
+    ``0.5 ** (images in the step / half-life in images)``, so the average spans the same images
+    whatever the stage's batch). ``warmup``: at most ``(1 + s) / (10 + s)`` at step ``s`` (timm's)."""
+    if half_life is None:
+        out = [decay] * len(t)
+    elif half_life.unit == "steps":
+        out = [0.5 ** (1 / half_life.value)] * len(t)
+    else:
+        images = half_life.value * (train_samples if half_life.unit == "epochs" else 1)
+        out = [0.5 ** (b / images) for b in t.samples]
+    if warmup:
+        out = [min(d, (1 + s) / (10 + s)) for s, d in enumerate(out)]
+    return out
+
+
+def final_decay_start(t: Timeline) -> int:
+    """The first step of the run's final LR decay: after the last step at which the LR is still at
+    least half its peak."""
+    top = max(t.lr)
+    return min(max(s for s, lr in enumerate(t.lr) if lr >= top / 2) + 1, len(t) - 1)
+
+
+def ema_horizon_start(t: Timeline) -> int | None:
+    """The step from which the final weight average draws half its weight: the product of the
+    decays of the steps after it is still >= 1/2. None without an EMA."""
+    if t.ema_decay is None:
+        return None
+    weight = 1.0
+    for s in range(len(t) - 1, 0, -1):
+        weight *= t.ema_decay[s]
+        if weight < 0.5:
+            return s
+    return 0
+
+
 def continue_at(old: Timeline, done: int, new: Timeline, policy: Literal["keep-position", "stretch"]) -> int:
     """The step of ``new`` at which a run that has done ``done`` steps of ``old`` continues.
 
@@ -247,4 +287,5 @@ def continue_at(old: Timeline, done: int, new: Timeline, policy: Literal["keep-p
 
 
 __all__ = ["Stage", "Timeline", "ScheduleError", "epoch_samples", "epoch_batches", "lr_scale",
-           "layout", "make_timeline", "ScopeSpan", "continue_at"]
+           "layout", "make_timeline", "ScopeSpan", "continue_at", "ema_decays", "final_decay_start",
+           "ema_horizon_start"]

@@ -19,7 +19,7 @@ import yaml
 from cadence import schedules
 from cadence.errors import FieldError
 from cadence import regularization
-from cadence.plan import LrScaling, Progress, Scope, Stage, Timeline, make_timeline
+from cadence.plan import LrScaling, Progress, Scope, Stage, Timeline, ema_decays, make_timeline
 from cadence.regularization import Regularization
 from cadence.schedules import Duration, Piece, ScheduleSpec
 
@@ -185,7 +185,8 @@ class TrainConfig:
     micro_batch_size: int | None = None  # per process: split each batch into chunks of this many (accumulation)
     clip_grad_norm: float | None = None  # clip the gradients' global L2 norm to this before each update
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a non-finite loss: stop (exit 1) | skip that update
-    ema: float | None = None  # weight EMA decay per optimizer step (e.g. 0.99): evaluate the averaged weights
+    ema: float | Duration | None = None  # weight EMA: decay per step (0.999), or a half-life ("2 epochs", "500k samples")
+    ema_warmup: bool = False  # the EMA's decay is at most (1 + step) / (10 + step) (timm's warmup)
     tta: Literal["none", "flip"] = "none"  # evaluation: average the logits of the image and its mirror
 
     def __post_init__(self):
@@ -203,7 +204,9 @@ class TrainConfig:
         _check(self.log_every >= 1, "log_every", self.log_every, "must be >= 1")
         _check(not isinstance(self.eval_every, int) or self.eval_every >= 1, "eval_every", self.eval_every,
                "must be a number of steps >= 1, or epoch, stage or end")
-        _check(self.ema is None or 0 < self.ema < 1, "ema", self.ema, "must be in (0, 1) (or unset)")
+        _check(self.ema is None or (0 < self.ema < 1 if isinstance(self.ema, float) else self.ema.unit != "fraction"),
+               "ema", self.ema, "must be a decay per step in (0, 1), or a half-life: 'N epochs|steps|samples'")
+        _check(not self.ema_warmup or self.ema is not None, "ema_warmup", self.ema_warmup, "needs train.ema")
         _check(self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size",
                self.micro_batch_size, "must be >= 1 (or unset: the whole per-process batch at once)")
         _check(self.clip_grad_norm is None or 0 < self.clip_grad_norm < float("inf"), "clip_grad_norm",
@@ -253,6 +256,17 @@ class Recipe:
             progress=self.schedule.progress, reference_batch_size=o.reference_batch_size,
             lr_scaling=o.lr_scaling, world_size=world_size, drop_last=self.data.drop_last)
         t.regularization = self.stage_regularization()
+        ema = self.train.ema
+        if ema is not None:
+            n = self.data.train_size() if train_samples is None else train_samples
+            t.ema_decay = ema_decays(t, decay=ema if isinstance(ema, float) else None,
+                                     half_life=None if isinstance(ema, float) else ema, train_samples=n,
+                                     warmup=self.train.ema_warmup)
+            if not isinstance(ema, float):
+                t.ema_half_life = ema.value * (n if ema.unit == "epochs" else 1) if ema.unit != "steps" else None
+                short = ema.value < 1 if ema.unit == "steps" else t.ema_half_life < max(t.samples)
+                _check(not short, "train.ema", f"{ema.value:g} {ema.unit}", "is a half-life shorter than one "
+                       f"optimizer step ({max(t.samples):,} images)")
         micro = self.train.micro_batch_size
         for k, st in enumerate(self.stages):
             local = st.batch_size // world_size
@@ -288,7 +302,8 @@ def _join(path: str, name: object) -> str:
 def _describe(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(map(str, typing.get_args(tp)))
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            Duration: "a duration ('2 epochs', '500 steps', '1M samples')"}.get(tp, str(tp))
 
 
 def _convert(tp: Any, raw: Any, path: str) -> Any:

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from cadence.files import write_text_atomic  # noqa: E402
 from cadence import regularization  # noqa: E402
-from cadence.plan import Timeline  # noqa: E402
+from cadence.plan import Timeline, ema_horizon_start, final_decay_start  # noqa: E402
 from cadence.rundir import RunDir, read_metrics  # noqa: E402
 from cadence.smoothing import smooth  # noqa: E402
 
@@ -59,6 +59,13 @@ def plot_plan(timeline: Timeline, path: str, title: str = "") -> None:
     for r, (name, ys, ylabel) in enumerate(rows):
         for c, (xs, bounds) in enumerate([(steps, starts), (epochs, [epochs[a] for a in starts])]):
             ax = axes[r][c]
+            h = ema_horizon_start(t)
+            if h is not None and name.startswith("lr"):
+                ax.axvspan(xs[h], xs[-1], color="C2", alpha=0.12, zorder=0,
+                           label="half the final EMA's weight" + (" (past the LR decay)" if h < final_decay_start(t)
+                                                                  else ""))
+                if r == 0:
+                    ax.legend(loc="upper right", fontsize=7)
             step_like = name in ("resolution", "batch")
             if name == "regularization":
                 _plot_regularization(ax, t, keys, xs)
@@ -96,14 +103,17 @@ def _regularization_columns(timeline: Timeline) -> list[str]:
 
 def write_plan_csv(timeline: Timeline, path: str) -> None:
     """One row per optimizer step: ``step,stage,epoch,resolution,batch_size,samples_seen,lr,momentum``,
-    then a column per regularization key the recipe sets (its value at that step)."""
+    then a column per regularization key the recipe sets (its value at that step), then the weight
+    EMA's decay (``ema_decay``) if the recipe averages."""
     keys = _regularization_columns(timeline)
     values = [[regularization.describe(k, getattr(r, k)) for k in keys] for r in timeline.regularization]
+    ema = timeline.ema_decay
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(Timeline.CSV_COLUMNS + tuple(keys))
+        w.writerow(Timeline.CSV_COLUMNS + tuple(keys) + (("ema_decay",) if ema else ()))
         for row in timeline.rows():
-            w.writerow([repr(v) if isinstance(v, float) else v for v in row] + (values[row[1]] if keys else []))
+            w.writerow([repr(v) if isinstance(v, float) else v for v in row] + (values[row[1]] if keys else [])
+                       + ([repr(ema[row[0]])] if ema else []))
 
 
 def read_plan_csv(path: str) -> dict[str, list]:
@@ -137,7 +147,27 @@ def plan_table(timeline: Timeline) -> str:
     if constant:
         out.append("every stage: " + ", ".join(f"{k} {regularization.describe(k, getattr(regs[0], k))}"
                                                for k in constant))
+    if (note := ema_note(timeline)) is not None:
+        out.append(note)
     return "\n".join(out)
+
+
+def ema_note(t: Timeline) -> str | None:
+    """One line on the weight EMA: its decay and how far back the final average reaches, marked when
+    that is before the final LR decay begins (the average then still holds weights from before it)."""
+    h = ema_horizon_start(t)
+    if h is None:
+        return None
+    lo, hi = min(t.ema_decay), max(t.ema_decay)
+    decay = f"{lo:.6g}" if lo == hi else f"{lo:.6g} to {hi:.6g}"
+    back = t.samples_seen[-1] - t.samples_seen[h]
+    line = f"weight EMA: decay {decay} per step; the final average takes half its weight from the last " \
+           f"{len(t) - h:,} steps ({back:,} images)"
+    d = final_decay_start(t)
+    if h < d:
+        line += (f" -- PAST the final LR decay (from step {d:,}): the averaged weights reach back before the LR "
+                 "fell (a shorter half-life, or a later EMA, keeps them after it)")
+    return line
 
 
 # ---------------------------------------------------------------------------------------------
