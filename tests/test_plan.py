@@ -18,10 +18,11 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from cadence.cli import main as cadence_main
 from cadence.errors import FieldError
+from cadence import plan
 from cadence.plan import Stage, Timeline, epoch_batches, epoch_samples, lr_scale, make_timeline
 from cadence.recipe import load_recipe, recipe_from_dict
 from cadence.schedules import Duration, MultiStep
-from helpers import ROOT
+from helpers import GOOD, ROOT, write_recipe
 
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
 PROGRESSIVE = os.path.join(ROOT, "recipes", "imagenet-resnet50-progressive.yaml")
@@ -462,3 +463,17 @@ def test_every_shipped_recipe_plans(path, capsys):
     total = next(line for line in out.splitlines() if line.startswith("total")).split()
     assert total[:4] == ["total", str(t.epoch[-1] + 1), f"{len(t):,}", f"{t.samples_seen[-1]:,}"]  # epochs, steps, images
     assert min(t.lr) >= 0 and max(t.lr) > 0 and all(0 <= m < 1 for m in t.momentum)
+
+
+def test_plan_marks_an_ema_whose_horizon_reaches_back_before_the_final_lr_decay(tmp_path, capsys):
+    raw = {**GOOD, "schedule": {"kind": "cosine"}, "stages": [{"epochs": 10, "resolution": 32, "batch_size": 100}]}
+    t = load_recipe(write_recipe(tmp_path, {**raw, "train": {"ema": "4.5 epochs"}})).timeline()
+    assert t.ema_decay == [0.5 ** (100 / 4500)] * 100
+    # the last 46 steps hold more than half the final average's weight (0.5 ** (46 / 45) < 0.5); the
+    # cosine's LR is below half its peak from step 51 on
+    assert plan.ema_horizon_start(t) == 54 and plan.final_decay_start(t) == 51
+    for ema, past in (("8 epochs", True), ("2 epochs", False)):
+        path = write_recipe(tmp_path, {**raw, "train": {"ema": ema}})
+        assert cadence_main(["plan", path]) == 0
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        assert line.startswith("weight EMA: decay") and ("PAST the final LR decay" in line) == past, line
