@@ -467,9 +467,9 @@ def test_every_shipped_recipe_plans(path, capsys):
 
 def test_plan_marks_an_ema_whose_horizon_reaches_back_before_the_final_lr_decay(tmp_path, capsys):
     raw = {**GOOD, "schedule": {"kind": "cosine"}, "stages": [{"epochs": 10, "resolution": 32, "batch_size": 100}]}
-    t = load_recipe(write_recipe(tmp_path, {**raw, "train": {"ema": "4.5 epochs"}})).timeline()
-    assert t.ema_decay == [0.5 ** (100 / 4500)] * 100
-    # the last 46 steps hold more than half the final average's weight (0.5 ** (46 / 45) < 0.5); the
+    t = load_recipe(write_recipe(tmp_path, {**raw, "train": {"ema": "4.55 epochs"}})).timeline()
+    assert t.ema_decay == [0.5 ** (100 / 4550)] * 100
+    # the last 46 steps hold more than half the final average's weight (0.5 ** (46 / 45.5) < 0.5); the
     # cosine's LR is below half its peak from step 51 on
     assert plan.ema_horizon_start(t) == 54 and plan.final_decay_start(t) == 51
     for ema, past in (("8 epochs", True), ("2 epochs", False)):
