@@ -53,4 +53,4 @@ lane() {  # core: every other job
   for ((i = core; i < ${#jobs[@]}; i += 2)); do one "$core" ${jobs[$i]}; done
 }
 lane 0 & lane 1 & wait
-"$cadence" compare "$out"/reg-*-seed* --out "$out/compare" --quiet
+"$cadence" compare "$out"/reg-*-seed*/ --out "$out/compare" --quiet
