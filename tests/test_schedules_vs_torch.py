@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 
 import pytest
 import torch
@@ -33,8 +34,9 @@ from torch.optim.lr_scheduler import (
 
 from cadence.cli import main as cadence_main
 from cadence.plan import Timeline
-from cadence.recipe import recipe_from_dict
+from cadence.recipe import load_recipe, recipe_from_dict
 from cadence.scheduler import StepScheduler
+from helpers import GOOD, ROOT, write_recipe
 
 REL = 1e-9
 # torch's recursive schedulers (LinearLR, PolynomialLR, ...) multiply their way down and can land a
@@ -459,3 +461,31 @@ def test_linear_to_zero_is_exactly_zero_where_torch_is_a_few_ulps_off():
                      steps=steps, batch=1, lr=lr, momentum=0.9, progress="steps")
     assert timeline.lr[59:] == [0.0] * 11
     assert timeline.lr[58] == pytest.approx(lr * 0.01 / 59, rel=1e-12)
+
+
+def test_momentum_schedule_writes_onecycle_full_as_its_formula():
+    """recipes/imagenet-resnet50-onecycle-full.yaml: LR linear up over 30% then cosine down; momentum
+    (its own curve) linear down over the same 30% then cosine back up -- step for step, to 1e-9."""
+    recipe = load_recipe(os.path.join(ROOT, "recipes", "imagenet-resnet50-onecycle-full.yaml"))
+    t = recipe.timeline()
+    n, peak, lo, hi = len(t), 2.0, 0.85, 0.95
+    warm = round(0.3 * n)
+    for s in range(n):
+        if s < warm:
+            lr, mom = peak * (0.04 + 0.96 * s / warm), hi - (hi - lo) * s / warm
+        else:
+            x = (s - warm) / (n - warm)
+            lr, mom = peak * (1 + math.cos(math.pi * x)) / 2, lo + (hi - lo) * (1 - math.cos(math.pi * x)) / 2
+        assert t.lr[s] == pytest.approx(lr, rel=1e-9, abs=1e-12), s
+        assert t.momentum[s] == pytest.approx(mom, rel=1e-9), s
+    assert t.cycles_momentum
+
+
+def test_momentum_schedule_refuses_a_schedule_that_cycles_momentum_and_momentum_past_1(tmp_path, capsys):
+    path = write_recipe(tmp_path, {**GOOD, "momentum_schedule": {"kind": "constant"}})  # GOOD's one_cycle cycles it
+    assert cadence_main(["plan", path]) == 2
+    assert "already cycles momentum: set it in one place" in capsys.readouterr().err
+    raw = {**GOOD, "schedule": {"kind": "cosine"}, "momentum_schedule": {"kind": "linear", "start_factor": 1.2}}
+    assert cadence_main(["plan", write_recipe(tmp_path, raw)]) == 2
+    assert "momentum_schedule: 'linear': gives the momentum 1.08 at step 0: it must be in [0, 1)" in \
+        capsys.readouterr().err

@@ -211,12 +211,15 @@ class ScopeSpan:
 def make_timeline(stages: list[Stage], train_samples: int, schedule: ScheduleSpec, *, lr: float,
                   momentum: float = 0.0, scope: Scope = "global", progress: Progress = "steps",
                   reference_batch_size: int | None = None, lr_scaling: LrScaling = "none",
-                  world_size: int = 1, drop_last: bool = True) -> Timeline:
+                  world_size: int = 1, drop_last: bool = True,
+                  momentum_schedule: ScheduleSpec | None = None) -> Timeline:
     """Every optimizer step of the run with the LR and momentum to set for it.
 
     ``lr`` is the peak at ``reference_batch_size``; each stage's peak is rescaled by ``lr_scaling``
     from its global batch size. With ``scope='global'`` one curve runs across all stages; with
-    ``per_stage`` it restarts at every stage. ``momentum`` is used where the schedule does not cycle it.
+    ``per_stage`` it restarts at every stage. ``momentum`` is used where the schedule does not cycle it;
+    ``momentum_schedule`` gives momentum a curve of its own (any kind, over the same scope and
+    progress): the momentum is ``momentum`` x its multiplier.
     Raises ``ScheduleError`` (field path, value, reason) if the schedule does not fit the timeline."""
     t = layout(stages, train_samples, world_size=world_size, drop_last=drop_last)
     t.base_lr = lr
@@ -225,8 +228,17 @@ def make_timeline(stages: list[Stage], train_samples: int, schedule: ScheduleSpe
     for a, b in bounds:
         knots = _Knots(t, a, b, progress)
         curve = schedule.build(ScopeSpan(knots, 0.0, knots.pos[-1]))
+        mcurve = momentum_schedule.build(ScopeSpan(knots, 0.0, knots.pos[-1])) if momentum_schedule else None
         for s in range(a, b):
             mult, mom = curve(knots.pos[s - a])
+            if mcurve is not None:
+                if mom is not None:
+                    raise ScheduleError("momentum_schedule", momentum_schedule.kind, f"the schedule ({schedule.kind}) "
+                                        "already cycles momentum: set it in one place")
+                mom = momentum * mcurve(knots.pos[s - a])[0]
+                if not 0 <= mom < 1:
+                    raise ScheduleError("momentum_schedule", momentum_schedule.kind, f"gives the momentum {mom:g} "
+                                        f"at step {s}: it must be in [0, 1)")
             t.lr.append(lr * lr_scale(t.batch_size[s], ref, lr_scaling) * mult)
             if not 0 <= t.lr[-1] < math.inf:  # e.g. a huge peak times a large batch, or an overflowing curve
                 blame = ("optimizer.lr", lr) if 0 <= mult < math.inf else ("schedule", schedule.kind)

@@ -226,6 +226,7 @@ class Recipe:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     regularization: Regularization = field(default_factory=Regularization)  # each stage may override any key
+    momentum_schedule: ScheduleSpec | None = None  # momentum's own curve: optimizer.momentum x its multiplier
     raw: dict = field(default_factory=dict, repr=False, compare=False)  # as written, after --set
 
     def __post_init__(self):
@@ -254,7 +255,8 @@ class Recipe:
             self.stages, self.data.train_size() if train_samples is None else train_samples,
             self.schedule.spec, lr=1.0 if o.lr == "auto" else o.lr, momentum=o.momentum, scope=self.schedule.scope,
             progress=self.schedule.progress, reference_batch_size=o.reference_batch_size,
-            lr_scaling=o.lr_scaling, world_size=world_size, drop_last=self.data.drop_last)
+            lr_scaling=o.lr_scaling, world_size=world_size, drop_last=self.data.drop_last,
+            momentum_schedule=self.momentum_schedule)
         t.regularization = self.stage_regularization()
         ema = self.train.ema
         if ema is not None:

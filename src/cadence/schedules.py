@@ -263,13 +263,15 @@ class Exponential(ScheduleSpec):
 
 @dataclass(kw_only=True)
 class Linear(ScheduleSpec):
-    """From ``start_factor`` to ``end_factor`` over ``duration``, then hold.
-    torch: ``LinearLR(start_factor, end_factor, total_iters)``."""
+    """From ``start_factor`` to ``end_factor`` over ``duration``, then hold; ``shape: cos`` follows
+    half a cosine between them instead of a line (a smooth ramp up or down).
+    torch (``shape: linear``): ``LinearLR(start_factor, end_factor, total_iters)``."""
 
     kind: ClassVar[str] = "linear"
     start_factor: float = 1.0
     end_factor: float = 0.0
     duration: Duration | None = None
+    shape: Literal["linear", "cos"] = "linear"
 
     def __post_init__(self):
         for name in ("start_factor", "end_factor"):
@@ -278,6 +280,8 @@ class Linear(ScheduleSpec):
     def _curve(self, span, where):
         n = self._len(span, self.duration, "duration", where)
         a, b = self.start_factor, self.end_factor
+        if self.shape == "cos":
+            return lambda x: (a + (b - a) * (1 - math.cos(math.pi * min(x, n) / n)) / 2, None)
         return lambda x: (a + (b - a) * min(x, n) / n, None)
 
 
