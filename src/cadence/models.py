@@ -85,9 +85,27 @@ ARCHS = {
 }
 
 
+TIMM = "timm/"  # model.arch: timm/<name> is timm.create_model(name)
+TIMM_OPTIMIZERS = {"lamb": "Lamb", "lars": "Lars", "lion": "Lion"}  # optimizer.name -> timm.optim class
+
+
+def _timm(field: str, value: object):
+    """timm, or one line saying how to install it (an optional extra)."""
+    try:
+        import timm
+        import timm.optim
+    except ImportError:
+        raise FieldError(field, value, "needs timm, an optional extra: pip install 'cadence[timm]'") from None
+    return timm
+
+
 def check_arch(cfg: ModelConfig) -> None:
-    if cfg.arch not in ARCHS:
-        raise FieldError("model.arch", cfg.arch, "no such model (have: " + ", ".join(ARCHS) + ")")
+    if cfg.arch.startswith(TIMM):
+        if not _timm("model.arch", cfg.arch).is_model(cfg.arch[len(TIMM):]):
+            raise FieldError("model.arch", cfg.arch, f"timm has no model {cfg.arch[len(TIMM):]!r} "
+                             "(timm.list_models('*pattern*') lists them)")
+    elif cfg.arch not in ARCHS:
+        raise FieldError("model.arch", cfg.arch, "no such model (have: " + ", ".join(ARCHS) + ", or timm/<name>)")
     if cfg.whiten and cfg.arch != "fastnet":
         raise FieldError("model.whiten", True, f"patch whitening is a fastnet stem, not {cfg.arch}'s")
     if cfg.widths is not None and cfg.arch != "fastnet":
@@ -99,7 +117,16 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3) -> nn.
     check_arch(cfg)
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
         raise FieldError("model.num_classes", cfg.num_classes, f"but the data has {num_classes} classes")
+    if cfg.arch.startswith(TIMM):
+        return _timm("model.arch", cfg.arch).create_model(cfg.arch[len(TIMM):], pretrained=False,
+                                                          num_classes=num_classes, in_chans=in_channels)
     return ARCHS[cfg.arch](cfg, num_classes, in_channels)
+
+
+def check_optimizer(cfg: OptimizerConfig) -> None:
+    """A large-batch optimizer needs timm: say so before anything is written."""
+    if cfg.name in TIMM_OPTIMIZERS:
+        _timm("optimizer.name", cfg.name)
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool = False) -> list[dict]:
@@ -118,4 +145,9 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
     lr = 1.0 if cfg.lr == "auto" else cfg.lr  # "auto": a stand-in until the range test has run
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.momentum, cfg.beta2))
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(cfg.momentum, cfg.beta2))
+    cls = getattr(_timm("optimizer.name", cfg.name).optim, TIMM_OPTIMIZERS[cfg.name])
+    if cfg.name == "lars":  # momentum is SGD's; LARS's trust ratio scales each layer's step
+        return cls(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return cls(groups, lr=lr, betas=(cfg.momentum, cfg.beta2))  # LAMB, Lion: beta1 is the scheduled momentum

@@ -74,6 +74,7 @@ def build_setup(recipe: Recipe, recipe_file: str | None = None) -> Setup:
     """Check the recipe against the data and the machine; raises FieldError (file named)."""
     try:
         models.check_arch(recipe.model)
+        models.check_optimizer(recipe.optimizer)
         device = pick_device(recipe.train.device)
         source = data.load_source(recipe.data)
         if recipe.model.num_classes is not None and recipe.model.num_classes != source.num_classes:

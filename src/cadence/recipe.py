@@ -134,12 +134,12 @@ class RangeTestConfig:
 
 @dataclass(kw_only=True)
 class OptimizerConfig:
-    name: Literal["sgd", "adamw"] = "sgd"
+    name: Literal["sgd", "adamw", "lamb", "lars", "lion"] = "sgd"  # lamb, lars, lion: timm's (optional extra)
     lr: float | Literal["auto"] = 0.1  # PEAK LR at reference_batch_size ("auto": LR range test first)
     reference_batch_size: int | None = None  # default: the first stage's batch size
     lr_scaling: LrScaling = "none"  # lr x f(stage global batch / reference_batch_size)
-    momentum: float = 0.9  # SGD momentum or AdamW beta1, where the schedule does not cycle it
-    beta2: float = 0.999  # AdamW
+    momentum: float = 0.9  # SGD/LARS momentum or AdamW/LAMB/Lion beta1, where the schedule does not cycle it
+    beta2: float = 0.999  # AdamW, LAMB, Lion
     nesterov: bool = False
     weight_decay: float = 5.0e-5
     decay_norm_and_bias: bool = False  # weight decay on BN/bias parameters too
