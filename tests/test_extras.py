@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from cadence import parts
+from cadence import parts, rundir
 from cadence.cli import main as cadence_main
 from cadence.recipe import recipe_from_dict
 from cadence.scheduler import get_momentum
@@ -63,3 +63,45 @@ def test_a_timm_model_with_lamb_trains_and_resumes_bit_for_bit(tmp_path):
     run(raw, str(tmp_path / "part"), stop_at=5)
     resumed, _ = run(raw, str(tmp_path / "part"), resume=True)
     assert_same_state(whole, resumed)
+
+
+@pytest.mark.parametrize("name", ["wandb", "mlflow"])
+def test_without_the_tracker_installed_a_logger_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, name):
+    monkeypatch.setitem(sys.modules, name, None)
+    path = write_recipe(tmp_path, TINY)
+    assert cadence_main(["train", path, "--set", f"train.loggers=[{name}]", "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"cadence: error: {path}: train.loggers: {name!r}: needs {name}, an optional extra: "
+        f"pip install 'cadence[{name}]'"]
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_mlflow_gets_every_metrics_row_and_a_resumed_run_logs_into_the_same_run(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    raw = {**TINY, "train": {**TINY["train"], "loggers": ["mlflow"]}}
+    run(raw, str(tmp_path / "r"), stop_at=5)
+    run_id = (tmp_path / "r" / ".mlflow-id").read_text().strip()
+    run(raw, str(tmp_path / "r"), resume=True)
+    assert (tmp_path / "r" / ".mlflow-id").read_text().strip() == run_id
+    client = mlflow.tracking.MlflowClient(tracking_uri="file:" + str(tmp_path / "r" / "mlruns"))
+    losses = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+    rows = {r["step"]: r["loss"] for r in rundir.read_metrics(str(tmp_path / "r")) if "val_top1" not in r}
+    assert losses == pytest.approx(rows) and len(rows) == 12
+    top1 = client.get_metric_history(run_id, "val_top1")
+    assert [m.step for m in top1][-1] == 12
+    assert client.get_run(run_id).data.params["optimizer.lr"] == "0.05"
+
+
+@pytest.mark.slow
+def test_wandb_offline_logs_the_run_and_resumes_the_same_id(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    raw = {**TINY, "train": {**TINY["train"], "loggers": ["wandb"]}}
+    run(raw, str(tmp_path / "r"), stop_at=5)
+    run_id = (tmp_path / "r" / ".wandb-id").read_text().strip()
+    run(raw, str(tmp_path / "r"), resume=True)
+    assert (tmp_path / "r" / ".wandb-id").read_text().strip() == run_id
+    assert list((tmp_path / "r" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))

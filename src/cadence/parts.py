@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from cadence import data, distributed, mixing, models
+from cadence import data, distributed, loggers, mixing, models
 from cadence.errors import FieldError
 from cadence.plan import Timeline
 from cadence.recipe import Recipe
@@ -75,6 +75,7 @@ def build_setup(recipe: Recipe, recipe_file: str | None = None) -> Setup:
     try:
         models.check_arch(recipe.model)
         models.check_optimizer(recipe.optimizer)
+        loggers.check(recipe.train.loggers)
         device = pick_device(recipe.train.device)
         source = data.load_source(recipe.data)
         if recipe.model.num_classes is not None and recipe.model.num_classes != source.num_classes:

@@ -182,6 +182,7 @@ class TrainConfig:
     keep_best: int = 0  # also keep the k checkpoints with the best held-out top-1 (checkpoints/best-step*.pt)
     keep_every: int = 0  # also keep the checkpoint of every N-th epoch (checkpoints/epoch*.pt)
     log_every: int = 1  # optimizer steps between metrics.jsonl rows
+    loggers: list[Literal["wandb", "mlflow"]] = field(default_factory=list)  # trackers besides TensorBoard (extras)
     micro_batch_size: int | None = None  # per process: split each batch into chunks of this many (accumulation)
     clip_grad_norm: float | None = None  # clip the gradients' global L2 norm to this before each update
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a non-finite loss: stop (exit 1) | skip that update

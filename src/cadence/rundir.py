@@ -226,11 +226,13 @@ def finished(run_dir: str | RunDir, steps: int) -> bool:
 
 
 class MetricsLog:
-    """``metrics.jsonl`` (one JSON object per row) and TensorBoard scalars. Resuming at
-    ``resume_step`` drops the rows past that checkpoint (all of them at step 0)."""
+    """``metrics.jsonl`` (one JSON object per row), TensorBoard scalars, and each of ``trackers``
+    (``cadence.loggers``: objects with ``log(row)`` and ``close()``). Resuming at ``resume_step``
+    drops the rows past that checkpoint (all of them at step 0)."""
 
-    def __init__(self, run_dir: str | RunDir, resume_step: int = 0):
+    def __init__(self, run_dir: str | RunDir, resume_step: int = 0, trackers: list = ()):
         run = RunDir(run_dir)
+        self.trackers = list(trackers)
         self.path = run.metrics
         keep = []
         if os.path.exists(self.path):
@@ -251,15 +253,20 @@ class MetricsLog:
     def write(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")
         self._scalars(row)
+        for tracker in self.trackers:
+            tracker.log(row)
 
     def _scalars(self, row: dict) -> None:
-        for key in ("loss", "lr", "momentum", "val_top1", "val_top5", "val_loss"):
+        for key in ("loss", "lr", "momentum", "grad_norm", "val_top1", "val_top5", "val_loss", "raw_val_top1",
+                    "raw_val_top5", "raw_val_loss"):
             if key in row:
-                self.tb.add_scalar(key if key.startswith("val") else f"train/{key}", row[key], row["step"])
+                self.tb.add_scalar(key if "val" in key else f"train/{key}", row[key], row["step"])
 
     def close(self) -> None:
         self.file.close()
         self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 class NullLog:

@@ -17,7 +17,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from cadence import checkpoint, data, distributed, files
+from cadence import checkpoint, data, distributed, files, loggers
 from cadence.errors import FieldError, Interrupted
 from cadence.evaluate import evaluate_recipe
 from cadence.guard import NonFiniteGuard
@@ -216,7 +216,12 @@ class Trainer:
         Returns the final evaluation, or None if stopped early."""
         t = self.timeline
         first = self.step if self.log_from is None else self.log_from  # metrics rows before it are kept
-        log = MetricsLog(self.run, first) if self.main else NullLog()
+        if self.main:
+            trackers = loggers.start(self.recipe.train.loggers, self.run, os.path.basename(os.path.abspath(self.run.path)),
+                                     self.recipe.raw)
+            log = MetricsLog(self.run, first, trackers)
+        else:
+            log = NullLog()
         self.log_from = None
         end = len(t) if stop_at is None else min(stop_at, len(t))
         bar = tqdm(total=len(t), initial=self.step, disable=not (progress and self.main), file=sys.stderr,
