@@ -91,7 +91,10 @@ def main() -> None:
                                      transforms.PILToTensor(), *erase])
             reg = Regularization(policy=a.policy, random_erasing=a.random_erasing).over(DEFAULTS)
             image_policy = data.ImagePolicy(reg, (0.485, 0.456, 0.406))
-            ours = lambda path, i: image_policy(data.decode_crop(path, keys[i], res).permute(2, 0, 1), keys[i])  # noqa: E731
+            if image_policy:  # as the image-folder loader does: the policy on the PIL crop, erasing on the tensor
+                ours = lambda path, i: image_policy(data.crop_image(path, keys[i], res), keys[i])  # noqa: E731
+            else:
+                ours = lambda path, i: data.decode_crop(path, keys[i], res)  # noqa: E731
             theirs = lambda path, i: tv(default_loader(path))  # noqa: E731
             rate(ours, prepared[:50]), rate(theirs, files[:50])  # warm caches
             r_ours, r_theirs = [], []

@@ -50,6 +50,21 @@ def test_a_policy_is_torchvisions_transform_seeded_by_the_image_key_and_leaves_t
     assert torch.equal(out[1], ours)  # an image's result depends on its key, not its place in the batch
 
 
+def test_image_folders_apply_the_policy_to_the_pil_crop_as_torchvisions_reference_does():
+    """Colour jitter and the policy run on the PIL image (torchvision's reference order), erasing on
+    the tensor after it; the draws are the seeded ones either way."""
+    from PIL import Image
+
+    x = _images(1, 40, seed=6)[0]
+    pil = Image.fromarray(x.permute(1, 2, 0).numpy())
+    reg = Regularization(policy="trivialaugment", color_jitter=0.3, random_erasing=1.0).over(DEFAULTS)
+    ours = data.ImagePolicy(reg, (0.5, 0.4, 0.3))(pil, 99)
+    torch.default_generator.manual_seed(int(mix(99, data.augment.POLICY_STREAM)))
+    tv = v2.Compose([v2.ColorJitter(0.3, 0.3, 0.3), v2.TrivialAugmentWide()])(pil)
+    theirs = v2.RandomErasing(1.0, value=[128, 102, 76])(v2.functional.pil_to_tensor(tv))
+    assert ours.dtype == torch.uint8 and torch.equal(ours, theirs)
+
+
 @pytest.mark.parametrize("keys", [
     {"policy": "trivialaugment"}, {"policy": "randaugment", "num_ops": 3, "magnitude": 14},
     {"policy": "autoaugment", "random_erasing": 0.5}, {"policy": "trivialaugment", "color_jitter": 0.4,

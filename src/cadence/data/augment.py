@@ -100,11 +100,11 @@ def draw_box(key: int, width: int, height: int, scale=(0.08, 1.0), ratio=(3 / 4,
     return (height - h) // 2, (width - w) // 2, h, w, flip
 
 
-def decode_crop(path: str, key: int, resolution: int, *, flip: bool = True, draft: bool = True,
-                scale=DEFAULTS.crop_scale, ratio=DEFAULTS.crop_ratio) -> torch.Tensor:
-    """RandomResizedCrop (``scale``, ``ratio``) + flip of one file to ``resolution`` px, as uint8 HWC.
-    The box is drawn from the header's size; a JPEG is then decoded with DCT-domain scaling (1/2,
-    1/4, 1/8) to the smallest size whose crop still covers ``resolution``, and only then resized."""
+def crop_image(path: str, key: int, resolution: int, *, flip: bool = True, draft: bool = True,
+               scale=DEFAULTS.crop_scale, ratio=DEFAULTS.crop_ratio) -> Image.Image:
+    """RandomResizedCrop (``scale``, ``ratio``) + flip of one file to ``resolution`` px, as an RGB PIL
+    image. The box is drawn from the header's size; a JPEG is then decoded with DCT-domain scaling
+    (1/2, 1/4, 1/8) to the smallest size whose crop still covers ``resolution``, and only then resized."""
     with Image.open(path) as im:
         width, height = im.size
         top, left, h, w, flipped = draw_box(key, width, height, scale, ratio)
@@ -117,7 +117,14 @@ def decode_crop(path: str, key: int, resolution: int, *, flip: bool = True, draf
                         box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
     if out.mode != "RGB":
         out = out.convert("RGB")
-    return torch.from_numpy(np.asarray(out)[:, ::-1].copy() if flip and flipped else np.array(out))
+    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip and flipped else out
+
+
+def decode_crop(path: str, key: int, resolution: int, *, flip: bool = True, draft: bool = True,
+                scale=DEFAULTS.crop_scale, ratio=DEFAULTS.crop_ratio) -> torch.Tensor:
+    """``crop_image`` as uint8 HWC."""
+    return torch.from_numpy(np.array(crop_image(path, key, resolution, flip=flip, draft=draft, scale=scale,
+                                                ratio=ratio)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,11 +171,19 @@ class ImagePolicy:
         finally:
             g.set_state(state)
 
-    def __call__(self, image: torch.Tensor, key: int) -> torch.Tensor:
+    def __call__(self, image: torch.Tensor | Image.Image, key: int) -> torch.Tensor:
+        """One image (uint8 (C, H, W), or a PIL image) -> uint8 (C, H, W). A PIL image (the image-folder
+        path) goes through colour jitter and the policy as PIL, as torchvision's reference pipeline
+        does (PIL's operations are about 3x faster than the tensor ones at 224 px), and is a tensor
+        for erasing; the draws are the same either way."""
         if self.transform is None:
-            return image
+            return image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image)).permute(2, 0, 1)
         with self._seeded(key):
-            return self.transform(image)
+            for t in self.transform.transforms:
+                if isinstance(image, Image.Image) and isinstance(t, v2.RandomErasing):
+                    image = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+                image = t(image)
+        return image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
     def batch(self, x: torch.Tensor, keys: np.ndarray) -> torch.Tensor:
         """Each image of a uint8 batch (N, C, H, W) by its own key: what ``self(image, key)`` gives, bit
@@ -179,6 +194,8 @@ class ImagePolicy:
         erasing, whose parameters are continuous, run image by image."""
         if self.transform is None:
             return x
+        if not any(isinstance(t, _POLICIES) for t in self.transform.transforms):  # nothing to group
+            return torch.stack([self(img, int(k)) for img, k in zip(x, keys)])
         record, log = self._recorder()
         plans = []
         for img, k in zip(x, keys.tolist()):
@@ -212,13 +229,16 @@ class ImagePolicy:
             steps = []
             for which, t in enumerate(self.transform.transforms):
                 t = copy.copy(t)
-                if isinstance(t, (v2.TrivialAugmentWide, v2.RandAugment, v2.AutoAugment)):
+                if isinstance(t, _POLICIES):
                     t._apply_image_or_video_transform = functools.partial(_log_policy, log, which)
                 else:
                     t.transform = functools.partial(_log_params, log, which)
                 steps.append(t)
             self._recording = (v2.Compose(steps), log)
         return self._recording
+
+
+_POLICIES = (v2.TrivialAugmentWide, v2.RandAugment, v2.AutoAugment)
 
 
 def _log_policy(log: list, which: int, image, transform_id: str, magnitude: float, interpolation, fill):

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cadence.data.augment import DEFAULT_CROP_PCT, ImagePolicy, augment_batch, decode_crop, eval_batch, eval_transform
+from cadence.data.augment import (DEFAULT_CROP_PCT, ImagePolicy, augment_batch, crop_image, decode_crop, eval_batch,
+                                  eval_transform)
 from cadence.data.keys import EpochSampler
 from cadence.data.sources import BAD_IMAGE_ERRORS, Source, bad_reason, pick_copy
 from cadence.errors import FieldError
@@ -75,14 +76,17 @@ class CropDecode(Dataset):
         path, label = self.items[index]
         if copy:
             path = self.roots[copy] + path[len(self.roots[0]):]
-        try:
-            x = decode_crop(path, key, resolution, flip=self.flip, scale=reg.crop_scale, ratio=reg.crop_ratio)
-        except BAD_IMAGE_ERRORS as e:
-            return None, label, (path, bad_reason(e))
         if reg not in self.policies:
             self.policies[reg] = ImagePolicy(reg, self.mean)
         policy = self.policies[reg]
-        return (policy(x.permute(2, 0, 1), key).permute(1, 2, 0) if policy else x), label, None
+        try:
+            if not policy:
+                return decode_crop(path, key, resolution, flip=self.flip, scale=reg.crop_scale,
+                                   ratio=reg.crop_ratio), label, None
+            image = crop_image(path, key, resolution, flip=self.flip, scale=reg.crop_scale, ratio=reg.crop_ratio)
+        except BAD_IMAGE_ERRORS as e:
+            return None, label, (path, bad_reason(e))
+        return policy(image, key).permute(1, 2, 0), label, None
 
 
 def collate_good(batch):
