@@ -12,6 +12,7 @@ from torch import nn
 from cadence import rundir
 from cadence.cli import main as cadence_main
 from cadence.mixing import Loss, Targets
+from cadence.errors import FieldError
 from cadence.parts import Parts
 from cadence.recipe import recipe_from_dict
 from helpers import GOOD, TINY, assert_same_state, run, write_recipe
@@ -95,3 +96,36 @@ def test_bad_accumulation_clipping_and_retention_exit_2(tmp_path, capsys, where,
     assert cadence_main(["plan", path, "--set", f"{where}={value}"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and path in err and where in err and says in err, err
+
+
+def test_memory_limits_parse():
+    from cadence.measure import parse_bytes
+
+    assert parse_bytes("40GB") == 40 * 2**30 and parse_bytes("512 MiB") == 512 * 2**20 and parse_bytes("2e9") == 2e9
+    for bad in ("", "40XB", "-1GB", "0"):
+        with pytest.raises(FieldError, match="--memory-limit"):
+            parse_bytes(bad)
+
+
+@pytest.mark.slow
+def test_plan_measure_times_every_stage_and_says_what_fits(tmp_path, capsys):
+    """``cadence plan --measure``: one calibration per distinct (resolution, per-process batch), each in
+    its own process; a stage's time is its steps x the measured step time; with a memory limit, the
+    stages that do not fit get the largest micro-batch that does (here: none, at 1 byte)."""
+    from cadence import measure
+
+    recipe = recipe_from_dict(TINY)
+    t = recipe.timeline()
+    result = measure.measure(recipe, t, steps=2)
+    rows = result["stages"]
+    assert [(r["resolution"], r["local"], r["steps"]) for r in rows] == [(12, 16, 6), (16, 32, 6)]
+    for r in rows:
+        assert r["img_s"] > 0 and r["peak"] > 0 and r["seconds"] == pytest.approx(6 * r["step_s"])
+    assert result["seconds"] == pytest.approx(sum(r["seconds"] for r in rows))
+    path = write_recipe(tmp_path, TINY)
+    assert cadence_main(["plan", path, "--measure", "--measure-steps", "1", "--memory-limit", "100GB"]) == 0
+    out = capsys.readouterr().out
+    assert "measured on cpu" in out and "every stage fits in 100.00 GB" in out
+    assert cadence_main(["plan", path, "--measure", "--measure-steps", "1", "--memory-limit", "1B"]) == 0
+    out = capsys.readouterr().out
+    assert "stage 0 needs" in out and "no micro-batch fits" in out

@@ -137,12 +137,12 @@ def poison(monkeypatch, steps: set[int], checks: list | None = None) -> None:
     step, whether model and optimizer state came out of it unchanged."""
     real = train.Trainer.train_step
 
-    def train_step(self, x, y, guard=False):
+    def train_step(self, x, y, guard=False, **kw):
         if not (guard and self.step in steps):
-            return real(self, x, y, guard)
+            return real(self, x, y, guard, **kw)
         before = ({k: v.clone() for k, v in self.parts.model.state_dict().items()},
                   {k: {n: t.clone() for n, t in s.items()} for k, s in self.parts.optimizer.state_dict()["state"].items()})
-        loss = real(self, x * float("nan"), y, guard)
+        loss = real(self, x * float("nan"), y, guard, **kw)
         if checks is not None:
             model, opt = before
             checks.append(all(torch.equal(v, self.parts.model.state_dict()[k]) for k, v in model.items())

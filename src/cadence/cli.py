@@ -37,6 +37,15 @@ def cmd_plan(args) -> int:
         print(f"optimizer.lr is auto: the LRs below are multiples of the peak the range test ({rt.steps} steps, "
               f"LR {rt.start:g} to {rt.end:g}, on stage 0) will choose")
     print(report.plan_table(timeline))
+    if args.measure or args.memory_limit:
+        from cadence import measure
+
+        limit = measure.parse_bytes(args.memory_limit) if args.memory_limit else None
+        if args.measure_steps < 1:
+            raise FieldError("--measure-steps", args.measure_steps, "must be >= 1")
+        result = measure.measure(recipe, timeline, world_size=args.world_size, steps=args.measure_steps,
+                                 memory_limit=limit, progress=lambda line: print(line, file=sys.stderr))
+        print(measure.table(result, limit))
     for flag, path, write in (("--csv", args.csv, lambda p: report.write_plan_csv(timeline, p)),
                               ("--plot", args.plot, lambda p: report.plot_plan(timeline, p, title=recipe.name))):
         if path:
@@ -254,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", help="write one row per optimizer step here")
     p.add_argument("--plot", help="write the plan figure (PNG) here")
     p.add_argument("--world-size", type=int, default=1, help="ranks the global batch is split over")
+    p.add_argument("--measure", action="store_true", help="time a few optimizer steps at every (resolution, "
+                   "per-process batch) of the plan on this machine: img/s, time and peak memory per stage")
+    p.add_argument("--measure-steps", type=int, default=5, metavar="N", help="timed steps per size (default 5)")
+    p.add_argument("--memory-limit", metavar="SIZE", help="with --measure: the micro_batch_size that fits, e.g. 40GB")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("prepare", help="imagefolder: write a training copy re-encoded at a bounded size "
