@@ -65,6 +65,33 @@ def test_clipping_by_global_norm_in_closed_form():
     assert unclipped.update() is None  # no clipping and no norm asked for: nothing computed
 
 
+def test_adaptive_clipping_unit_by_unit_in_closed_form_and_as_timm():
+    from cadence.parts import adaptive_clip_
+
+    w = nn.Parameter(torch.tensor([[3.0, 4.0], [0.6, 0.8]], dtype=torch.float64))  # unit norms 5 and 1
+    w.grad = torch.tensor([[0.3, 0.4], [0.0, 0.02]], dtype=torch.float64)  # unit gradient norms 0.5, 0.02
+    b = nn.Parameter(torch.zeros(2, dtype=torch.float64))  # norm 0: the floor eps = 1e-3 counts
+    b.grad = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    adaptive_clip_([w, b], 0.05)
+    torch.testing.assert_close(w.grad[0], torch.tensor([0.3, 0.4], dtype=torch.float64) * (0.25 / 0.5))  # 0.05 x 5
+    torch.testing.assert_close(w.grad[1], torch.tensor([0.0, 0.02], dtype=torch.float64))  # under 0.05 x 1: kept
+    torch.testing.assert_close(b.grad, torch.tensor([0.05e-3, 0.0], dtype=torch.float64))
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    model(torch.randn(4, 3, 6, 6)).square().sum().backward()
+    ours = [p.grad.clone() for p in model.parameters()]
+    for p, g in zip(model.parameters(), ours):
+        p.grad = g.clone()
+    adaptive_clip_(list(model.parameters()), 0.01)
+    mine = [p.grad.clone() for p in model.parameters()]
+    for p, g in zip(model.parameters(), ours):
+        p.grad = g.clone()
+    timm.utils.adaptive_clip_grad(list(model.parameters()), 0.01)
+    for a, p in zip(mine, model.parameters()):
+        torch.testing.assert_close(a, p.grad)
+
+
 ACCUMULATED = copy.deepcopy(TINY)
 ACCUMULATED["train"].update(micro_batch_size=8, clip_grad_norm=0.5, log_every=2)
 ACCUMULATED["regularization"] = {"mixup": 0.2, "cutmix": 1.0}
@@ -89,6 +116,7 @@ def test_an_accumulated_clipped_run_resumes_bit_for_bit_and_logs_the_norm(tmp_pa
     ("train.clip_grad_norm", 0, "must be positive and finite"),
     ("train.clip_grad_norm", -1.0, "must be positive and finite"),
     ("train.keep_best", -1, "must be >= 0"),
+    ("train.clip_mode", "agc", "needs train.clip_grad_norm"),
     ("train.keep_every", -2, "must be >= 0 epochs"),
 ])
 def test_bad_accumulation_clipping_and_retention_exit_2(tmp_path, capsys, where, value, says):

@@ -114,6 +114,7 @@ class Parts:
     device: torch.device
     micro_batch: int | None = None  # split each batch's forward/backward into chunks of this many images
     clip_grad_norm: float | None = None  # clip the gradients' global norm to this before each update
+    clip_mode: str = "norm"  # norm: global L2 norm; agc: adaptive, unit by unit (clip_grad_norm is the factor)
     ddp: nn.Module | None = None  # the DistributedDataParallel wrapper, if any (its no_sync)
     ema_decay: list[float] | None = None  # the EMA's decay at each step, when it changes (a half-life, warmup)
 
@@ -170,11 +171,13 @@ class Parts:
         if self.clip_grad_norm or norm:
             self.scaler.unscale_(self.optimizer)
             grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            if self.clip_grad_norm:
+            if self.clip_grad_norm and self.clip_mode == "norm":
                 total = torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
                                                        self.clip_grad_norm, foreach=True)
             else:
                 total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+                if self.clip_grad_norm:
+                    adaptive_clip_([p for g in self.optimizer.param_groups for p in g["params"]], self.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if ema and self.ema is not None:
@@ -191,6 +194,23 @@ class Parts:
         ``optimizer.lr: auto`` has been resolved); model, EMA and wrappers are kept as they are."""
         optimizer = models.build_optimizer(self.model, recipe.optimizer)
         return dataclasses.replace(self, optimizer=optimizer, scheduler=StepScheduler(optimizer, timeline))
+
+
+def _unitwise_norm(x: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each output unit (over every dimension but the first); of the whole tensor if 1-d."""
+    return x.norm(2) if x.ndim <= 1 else x.norm(2, dim=tuple(range(1, x.ndim)), keepdim=True)
+
+
+@torch.no_grad()
+def adaptive_clip_(params, factor: float, eps: float = 1e-3) -> None:
+    """Adaptive gradient clipping (Brock et al. 2021, NFNets; timm's ``adaptive_clip_grad``): each
+    unit's gradient is scaled down to at most ``factor`` x that unit's weight norm (at least ``eps``)."""
+    for p in params:
+        if p.grad is None:
+            continue
+        limit = _unitwise_norm(p).clamp_(min=eps) * factor
+        g_norm = _unitwise_norm(p.grad)
+        p.grad.copy_(torch.where(g_norm < limit, p.grad, p.grad * (limit / g_norm.clamp(min=1e-6))))
 
 
 def build_parts(setup: Setup) -> Parts:
@@ -224,6 +244,7 @@ def build_parts(setup: Setup) -> Parts:
     normalize = data.normalizer(setup.source, dev, r.train.channels_last)
     return Parts(model, forward, ema, optimizer, scheduler, scaler, autocast, criterion, normalize, dev,
                  micro_batch=r.train.micro_batch_size, clip_grad_norm=r.train.clip_grad_norm,
+                 clip_mode=r.train.clip_mode,
                  ddp=wrapped if setup.dist.active else None,
                  ema_decay=setup.timeline.ema_decay if ema is not None and len(set(decays)) > 1 else None)
 

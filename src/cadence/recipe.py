@@ -185,6 +185,7 @@ class TrainConfig:
     loggers: list[Literal["wandb", "mlflow"]] = field(default_factory=list)  # trackers besides TensorBoard (extras)
     micro_batch_size: int | None = None  # per process: split each batch into chunks of this many (accumulation)
     clip_grad_norm: float | None = None  # clip the gradients' global L2 norm to this before each update
+    clip_mode: Literal["norm", "agc"] = "norm"  # agc: adaptive, per unit; clip_grad_norm is then its factor
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a non-finite loss: stop (exit 1) | skip that update
     ema: float | Duration | None = None  # weight EMA: decay per step (0.999), or a half-life ("2 epochs", "500k samples")
     ema_warmup: bool = False  # the EMA's decay is at most (1 + step) / (10 + step) (timm's warmup)
@@ -212,6 +213,8 @@ class TrainConfig:
                self.micro_batch_size, "must be >= 1 (or unset: the whole per-process batch at once)")
         _check(self.clip_grad_norm is None or 0 < self.clip_grad_norm < float("inf"), "clip_grad_norm",
                self.clip_grad_norm, "must be positive and finite (or unset: no clipping)")
+        _check(self.clip_mode == "norm" or self.clip_grad_norm is not None, "clip_mode", self.clip_mode,
+               "needs train.clip_grad_norm (agc's factor, e.g. 0.01)")
         _check(self.bce_target_threshold is None or (self.loss == "bce" and 0 <= self.bce_target_threshold < 1),
                "bce_target_threshold", self.bce_target_threshold, "must be in [0, 1), with loss: bce")
 
