@@ -117,6 +117,9 @@ def test_an_accumulated_clipped_run_resumes_bit_for_bit_and_logs_the_norm(tmp_pa
     ("train.clip_grad_norm", -1.0, "must be positive and finite"),
     ("train.keep_best", -1, "must be >= 0"),
     ("train.clip_mode", "agc", "needs train.clip_grad_norm"),
+    ("train.ema", "'5 samples'", "is a half-life shorter than one optimizer step (20 images)"),
+    ("train.ema", "'0.5 steps'", "is a half-life shorter than one optimizer step"),
+    ("optimizer.name", "lambda", "must be one of sgd, adamw, lamb, lars, lion"),
     ("train.keep_every", -2, "must be >= 0 epochs"),
 ])
 def test_bad_accumulation_clipping_and_retention_exit_2(tmp_path, capsys, where, value, says):
