@@ -454,7 +454,8 @@ def test_cadence_plan_writes_png_and_csv(tmp_path, capsys):
     assert float(rows[-1]["lr"]) == pytest.approx(2.0 * 512 / 1024 / 25 / 1e4, rel=1e-12)
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if "torchvision-v2" in p else p
+                                  for p in RECIPES], ids=os.path.basename)  # (750,600 steps: 4 s)
 def test_every_shipped_recipe_plans(path, capsys):
     assert cadence_main(["plan", path]) == 0
     out, err = capsys.readouterr()

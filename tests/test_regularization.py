@@ -80,6 +80,7 @@ def test_a_batch_is_augmented_bit_for_bit_as_its_images_one_by_one(keys):
     assert not torch.equal(one_by_one, x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["trivialaugment", "randaugment", "autoaugment"])
 def test_keyed_policies_have_the_distribution_of_torchvisions_own(name):
     """The mean absolute change each policy makes to one image, over 1,500 keys, against 1,500 draws

@@ -463,6 +463,7 @@ def test_linear_to_zero_is_exactly_zero_where_torch_is_a_few_ulps_off():
     assert timeline.lr[58] == pytest.approx(lr * 0.01 / 59, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_momentum_schedule_writes_onecycle_full_as_its_formula():
     """recipes/imagenet-resnet50-onecycle-full.yaml: LR linear up over 30% then cosine down; momentum
     (its own curve) linear down over the same 30% then cosine back up -- step for step, to 1e-9."""
