@@ -82,6 +82,17 @@ def assert_same_run(a, b, steps: int) -> None:
     assert train_rows(str(a)) == train_rows(str(b))
 
 
+def assert_plan_refuses(tmp_path, capsys, where: str, value, says: str) -> None:
+    """``cadence plan GOOD --set where=value`` exits 2 with one line naming the file, the field and
+    ``says``."""
+    from cadence.cli import main as cadence_main
+
+    path = write_recipe(tmp_path, GOOD)
+    assert cadence_main(["plan", path, "--set", f"{where}={value}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and path in err and where in err and says in err, err
+
+
 # -- image files -----------------------------------------------------------------------------------
 
 
