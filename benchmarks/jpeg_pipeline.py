@@ -13,7 +13,7 @@ pipelines so the machine's noise hits both; the median round is reported.
 
 ``--policy trivialaugment --random-erasing 0.1`` adds the per-image policy to both: torchvision's
 reference order (``TrivialAugmentWide`` on the PIL crop, ``PILToTensor``, ``RandomErasing``) against
-cadence's ``ImagePolicy`` (the same transforms.v2 ops on the uint8 crop, seeded from the image's key).
+cadence's ``ImagePolicy`` (the same transforms.v2 ops on the PIL crop, their draws made from the image's key).
 """
 
 from __future__ import annotations

@@ -31,7 +31,21 @@ def _images(n: int, size: int = 24, seed: int = 0) -> torch.Tensor:
 # -- per-image policies ---------------------------------------------------------------------------
 
 
-def test_a_policy_is_torchvisions_transform_seeded_by_the_image_key_and_leaves_the_rng_alone():
+def _torchvision_chain(policy, image, d, i=0):
+    """What torchvision's own transforms do with the draws ``d`` of image ``i``: ColorJitter's
+    ``transform`` with its params, the policy's operations in turn, then ``erase``."""
+    if policy.jitter is not None:
+        image = v2.ColorJitter(0.3, 0.3, 0.3).transform(image, d["jitter"][i])
+    for name, mag in zip(d.get("ops", [[]] * (i + 1))[i], d.get("magnitudes", [[]] * (i + 1))[i]):
+        image = policy.policy._apply_image_or_video_transform(image, name, float(mag), interpolation="nearest",
+                                                              fill={"others": None})
+    if not isinstance(image, torch.Tensor):
+        image = v2.functional.pil_to_tensor(image)
+    box = d.get("erase", [None] * (i + 1))[i]
+    return image if box is None else v2.functional.erase(image, **box)
+
+
+def test_a_policy_runs_torchvisions_operations_on_draws_from_the_image_key_and_leaves_the_rng_alone():
     x = _images(1)[0]
     reg = Regularization(policy="randaugment", num_ops=3, magnitude=12, random_erasing=1.0).over(DEFAULTS)
     policy = data.ImagePolicy(reg, (0.5, 0.4, 0.3))
@@ -39,28 +53,49 @@ def test_a_policy_is_torchvisions_transform_seeded_by_the_image_key_and_leaves_t
     before = torch.get_rng_state()
     ours = policy(x, 77)
     assert torch.equal(torch.get_rng_state(), before)  # the training RNG is untouched
-    torch.default_generator.manual_seed(int(mix(77, data.augment.POLICY_STREAM)))
-    theirs = v2.Compose([v2.RandAugment(num_ops=3, magnitude=12),
-                         v2.RandomErasing(1.0, value=[128, 102, 76])])(x)
-    assert torch.equal(ours, theirs)
+    d = policy.draw([77], 24, 24)
+    assert torch.equal(ours, _torchvision_chain(policy, x, d))
+    table = v2.RandAugment()._AUGMENTATION_SPACE
+    for name, mag in zip(d["ops"][0], d["magnitudes"][0]):  # RandAugment's table at bin 12, either sign
+        values = table[name][0](31, 24, 24)
+        assert (mag == 0 if values is None else abs(mag) == pytest.approx(float(values[12])))
+    assert d["erase"][0]["v"].flatten().tolist() == [128, 102, 76]  # the mean colour
     assert torch.equal(policy(x, 77), ours) and not torch.equal(policy(x, 78), ours)
     batch = torch.stack([x, x, x])
     out = policy.batch(batch, np.array([78, 77, 5], dtype=np.uint64))
     assert torch.equal(out[1], ours)  # an image's result depends on its key, not its place in the batch
 
 
+def test_vectorised_key_uniforms_are_the_scalar_generator():
+    keys = mix(21, np.arange(50))
+    u = data.uniforms_of(keys, 9)
+    assert all(u[i].tolist() == data.uniforms(int(k), 9) for i, k in enumerate(keys.tolist()))
+    assert 0 <= u.min() and u.max() < 1 and np.abs(np.corrcoef(data.uniforms_of(keys[:1] + np.arange(
+        20000, dtype=np.uint64), 4).T) - np.eye(4)).max() < 0.03  # nearby keys, columns: uncorrelated
+
+
+def test_autoaugment_draws_are_its_imagenet_sub_policies():
+    policy = data.ImagePolicy(Regularization(policy="autoaugment").over(DEFAULTS), (0.5, 0.5, 0.5))
+    d = policy.draw(mix(3, np.arange(4000)), 32, 32)
+    steps = {name for sub in policy.policy._policies for name, _, _ in sub}
+    first = [(name, p) for sub in policy.policy._policies for name, p, _ in sub[:1]]
+    assert set(d["ops"].ravel()) <= steps | {"Identity"}
+    # each slot's operation is applied with its probability: the share of Identity matches the table's
+    expected = 1 - np.mean([p for _, p in first])
+    assert abs(np.mean(d["ops"][:, 0] == "Identity") - expected) < 0.03
+
+
 def test_image_folders_apply_the_policy_to_the_pil_crop_as_torchvisions_reference_does():
     """Colour jitter and the policy run on the PIL image (torchvision's reference order), erasing on
-    the tensor after it; the draws are the seeded ones either way."""
+    the tensor after it; the draws are the key's either way."""
     from PIL import Image
 
     x = _images(1, 40, seed=6)[0]
     pil = Image.fromarray(x.permute(1, 2, 0).numpy())
     reg = Regularization(policy="trivialaugment", color_jitter=0.3, random_erasing=1.0).over(DEFAULTS)
-    ours = data.ImagePolicy(reg, (0.5, 0.4, 0.3))(pil, 99)
-    torch.default_generator.manual_seed(int(mix(99, data.augment.POLICY_STREAM)))
-    tv = v2.Compose([v2.ColorJitter(0.3, 0.3, 0.3), v2.TrivialAugmentWide()])(pil)
-    theirs = v2.RandomErasing(1.0, value=[128, 102, 76])(v2.functional.pil_to_tensor(tv))
+    policy = data.ImagePolicy(reg, (0.5, 0.4, 0.3))
+    ours = policy(pil, 99)
+    theirs = _torchvision_chain(policy, pil, policy.draw([99], 40, 40))
     assert ours.dtype == torch.uint8 and torch.equal(ours, theirs)
 
 

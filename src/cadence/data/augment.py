@@ -4,9 +4,6 @@ files, the evaluation transform and the on-device normalisation. Every draw come
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import functools
 import math
 from typing import TYPE_CHECKING
 
@@ -16,14 +13,11 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
-from cadence.data.keys import mix, uniforms
+from cadence.data.keys import mix, uniforms, uniforms_of
 from cadence.regularization import DEFAULTS, Regularization
 
 if TYPE_CHECKING:
     from cadence.data.sources import Source
-
-POLICY_STREAM = 0x5EED  # mixed with an image's key: the seed of its policy draws (the crop uses the key itself)
-
 
 # ---------------------------------------------------------------------------------------------
 # In-memory small images: whole batches augmented as tensor operations
@@ -128,127 +122,192 @@ def decode_crop(path: str, key: int, resolution: int, *, flip: bool = True, draf
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-image policies: torchvision's own transforms, their draws seeded from the image's key
+# Per-image policies: torchvision's own operations, every draw made from the image's key
+
+
+def key_uniforms(keys, stream: int, n: int) -> np.ndarray:
+    """``(len(keys), n)`` uniforms in [0, 1): row ``i`` is ``uniforms(mix(keys[i], stream), n)``."""
+    return uniforms_of(mix(np.asarray(keys, dtype=np.uint64), stream), n)
+
+
+_POLICIES = (v2.TrivialAugmentWide, v2.RandAugment, v2.AutoAugment)
+_GEOMETRIC = frozenset({"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"})  # nearest-neighbour resampling
+_JITTER, _OPS, _ERASE = 0x717, 0x0B5, 0xE7A  # the three draw streams of an image's key
 
 
 class ImagePolicy:
     """Colour jitter, then the policy (TrivialAugmentWide, RandAugment or AutoAugment's ImageNet
-    policy), then random erasing of one uint8 image (C, H, W) after its crop and flip, as
-    ``torchvision.transforms.v2`` does them (the torchvision reference's order; erasing fills with
-    the data set's mean colour, which is what its erasing of the normalised image with 0 gives).
+    policy), then random erasing of one image after its crop and flip, in the torchvision
+    reference's order, with torchvision.transforms.v2's own operations (erasing fills with the data
+    set's mean colour, which is what its erasing of the normalised image with 0 gives).
 
-    torchvision draws from torch's default generator; it is seeded from the image's key for the
-    call and put back after it, so an image is augmented the same way in any batch, worker, rank or
-    resumed run, and the process's own random state is untouched."""
+    The random choices torchvision would make from its global generator (which operation, which
+    magnitude bin, its sign, AutoAugment's sub-policy and probabilities, jitter's order and factors,
+    erasing's box) are made instead from the image's key, by torchvision's rules and tables, and
+    vectorised over a batch (:meth:`draw`). So an image is augmented the same way in any batch, worker,
+    rank or resumed run, the process's random state is never touched, and the distribution is
+    torchvision's (the tests compare them)."""
 
     def __init__(self, reg: Regularization, mean: tuple[float, ...]):
-        ops = []
-        if reg.color_jitter:
-            ops.append(v2.ColorJitter(brightness=reg.color_jitter, contrast=reg.color_jitter,
-                                      saturation=reg.color_jitter))
-        if reg.policy == "trivialaugment":
-            ops.append(v2.TrivialAugmentWide())
-        elif reg.policy == "randaugment":
-            ops.append(v2.RandAugment(num_ops=reg.num_ops, magnitude=reg.magnitude))
-        elif reg.policy == "autoaugment":
-            ops.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET))
-        if reg.random_erasing:
-            ops.append(v2.RandomErasing(reg.random_erasing, scale=reg.erasing_scale,
-                                        value=[round(255 * m) for m in mean]))
-        self.transform = v2.Compose(ops) if ops else None
-        self._recording = None  # built at the first batch (a copy whose steps log instead of acting)
+        c = reg.color_jitter
+        self.jitter = v2.ColorJitter(brightness=c, contrast=c, saturation=c) if c else None
+        self.policy = {"trivialaugment": v2.TrivialAugmentWide, "autoaugment": lambda: v2.AutoAugment(
+            v2.AutoAugmentPolicy.IMAGENET), "randaugment": lambda: v2.RandAugment(
+            num_ops=reg.num_ops, magnitude=reg.magnitude)}.get(reg.policy, lambda: None)()
+        self.erasing = (v2.RandomErasing(reg.random_erasing, scale=reg.erasing_scale,
+                                         value=[round(255 * m) for m in mean]) if reg.random_erasing else None)
+        self._index_maps: dict = {}  # (op, magnitude, h, w) -> source pixel of each output pixel
 
     def __bool__(self) -> bool:
-        return self.transform is not None
+        return bool(self.jitter or self.policy or self.erasing)
 
-    @contextlib.contextmanager
-    def _seeded(self, key: int):
-        g = torch.default_generator
-        state = g.get_state()
-        try:
-            g.manual_seed(int(mix(key, POLICY_STREAM)))
-            yield
-        finally:
-            g.set_state(state)
+    # -- the draws ------------------------------------------------------------------------------
+
+    def draw(self, keys, height: int, width: int) -> dict:
+        """Every random choice for images of ``height`` x ``width`` with these keys, as arrays:
+        ``ops``/``magnitudes`` (N, slots) (an operation not applied is "Identity"), ``jitter`` (a
+        ColorJitter params dict per image), ``erase`` (an erasing params dict per image, or None)."""
+        keys = np.asarray(keys, dtype=np.uint64)
+        n, out = len(keys), {}
+        if self.jitter is not None:
+            u = key_uniforms(keys, _JITTER, 7)
+            order = np.argsort(u[:, :4], axis=1)  # a uniform permutation, as torch.randperm(4)
+            lo_hi = [self.jitter.brightness, self.jitter.contrast, self.jitter.saturation]
+            f = [lo + (hi - lo) * u[:, 4 + j] for j, (lo, hi) in enumerate(lo_hi)]
+            out["jitter"] = [dict(fn_idx=order[i].tolist(), brightness_factor=float(f[0][i]),
+                                  contrast_factor=float(f[1][i]), saturation_factor=float(f[2][i]), hue_factor=None)
+                             for i in range(n)]
+        if self.policy is not None:
+            out["ops"], out["magnitudes"] = self._draw_policy(keys, height, width)
+        if self.erasing is not None:
+            out["erase"] = self._draw_erasing(keys, height, width)
+        return out
+
+    def _draw_policy(self, keys: np.ndarray, height: int, width: int):
+        """TrivialAugmentWide: an operation, a magnitude bin, a sign. RandAugment: ``num_ops`` times an
+        operation and a sign at the set magnitude. AutoAugment: a sub-policy, then each of its two steps
+        with its probability and sign. Three uniforms per slot: (operation or probability, bin, sign)."""
+        t, n = self.policy, len(keys)
+        space = list(t._AUGMENTATION_SPACE)
+        auto = isinstance(t, v2.AutoAugment)
+        slots = 2 if auto else t.num_ops if isinstance(t, v2.RandAugment) else 1
+        u = key_uniforms(keys, _OPS, 1 + 3 * slots)
+        bins = 10 if auto else t.num_magnitude_bins
+        tables = {name: (fn(bins, height, width), signed) for name, (fn, signed) in t._AUGMENTATION_SPACE.items()}
+        chosen = [t._policies[c] for c in (u[:, 0] * len(t._policies)).astype(int)] if auto else None
+        ops, mags = np.full((n, slots), "Identity", dtype=object), np.zeros((n, slots))
+        for s in range(slots):
+            pick, bin_u, sign_u = u[:, 1 + 3 * s], u[:, 2 + 3 * s], u[:, 3 + 3 * s]
+            for i in range(n):
+                if auto:
+                    name, p, b = chosen[i][s]
+                    if not pick[i] <= p:
+                        continue
+                else:
+                    name = space[int(pick[i] * len(space))]
+                    b = t.magnitude if isinstance(t, v2.RandAugment) else int(bin_u[i] * bins)
+                values, signed = tables[name]
+                if values is not None:
+                    mags[i, s] = -float(values[b]) if signed and sign_u[i] <= 0.5 else float(values[b])
+                ops[i, s] = name
+        return ops, mags
+
+    def _draw_erasing(self, keys: np.ndarray, height: int, width: int) -> list:
+        """RandomErasing's rule: with probability p, up to 10 tries of (area fraction uniform in scale,
+        log aspect uniform in log ratio) until the box fits strictly inside, then a uniform position."""
+        t = self.erasing
+        u = key_uniforms(keys, _ERASE, 1 + 2 * 10 + 2)
+        lo, hi = t.scale
+        area = height * width * (lo + (hi - lo) * u[:, 1:21:2])
+        log_lo, log_hi = (math.log(r) for r in t.ratio)
+        aspect = np.exp(log_lo + (log_hi - log_lo) * u[:, 2:21:2])
+        hs, ws = np.round(np.sqrt(area * aspect)).astype(int), np.round(np.sqrt(area / aspect)).astype(int)
+        fits = (hs < height) & (ws < width)
+        value = torch.tensor(t.value)[:, None, None]
+        boxes = []
+        for i in range(len(keys)):
+            if not u[i, 0] < t.p or not fits[i].any():
+                boxes.append(None)
+                continue
+            k = int(np.argmax(fits[i]))
+            h, w = int(hs[i, k]), int(ws[i, k])
+            boxes.append(dict(i=int(u[i, 21] * (height - h + 1)), j=int(u[i, 22] * (width - w + 1)), h=h, w=w,
+                              v=value))
+        return boxes
+
+    # -- applying them ------------------------------------------------------------------------
 
     def __call__(self, image: torch.Tensor | Image.Image, key: int) -> torch.Tensor:
-        """One image (uint8 (C, H, W), or a PIL image) -> uint8 (C, H, W). A PIL image (the image-folder
-        path) goes through colour jitter and the policy as PIL, as torchvision's reference pipeline
-        does (PIL's operations are about 3x faster than the tensor ones at 224 px), and is a tensor
-        for erasing; the draws are the same either way."""
-        if self.transform is None:
-            return image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image)).permute(2, 0, 1)
-        with self._seeded(key):
-            for t in self.transform.transforms:
-                if isinstance(image, Image.Image) and isinstance(t, v2.RandomErasing):
-                    image = torch.from_numpy(np.array(image)).permute(2, 0, 1)
-                image = t(image)
-        return image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image)).permute(2, 0, 1)
+        """One image (uint8 (C, H, W), or a PIL image: the image-folder path, where jitter and the
+        policy run on PIL as torchvision's reference does, about 3x faster than on a tensor at 224 px)
+        -> uint8 (C, H, W)."""
+        h, w = (image.height, image.width) if isinstance(image, Image.Image) else image.shape[-2:]
+        d = self.draw([key], h, w)
+        if self.jitter is not None:
+            image = type(self.jitter).transform(self.jitter, image, d["jitter"][0])
+        for name, mag in zip(d.get("ops", [[]])[0], d.get("magnitudes", [[]])[0]):
+            image = self._op(image, name, float(mag))
+        if isinstance(image, Image.Image):
+            image = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+        if self.erasing is not None and d["erase"][0] is not None:
+            image = v2.functional.erase(image, **d["erase"][0])
+        return image
+
+    def _op(self, image, name: str, magnitude: float):
+        t = self.policy
+        return type(t)._apply_image_or_video_transform(t, image, name, magnitude, interpolation=t.interpolation,
+                                                       fill=t._fill)
 
     def batch(self, x: torch.Tensor, keys: np.ndarray) -> torch.Tensor:
         """Each image of a uint8 batch (N, C, H, W) by its own key: what ``self(image, key)`` gives, bit
-        for bit (the tests hold it), in less time. torchvision makes its draws image by image with its
-        operations recorded rather than run (a policy's draws depend on the image's size, never on its
-        pixels); then each policy operation runs once on all the images that drew it (a batch's
-        TrivialAugmentWide or RandAugment draws repeat a few dozen operations); colour jitter and
-        erasing, whose parameters are continuous, run image by image."""
-        if self.transform is None:
+        for bit (the tests hold it), in a fraction of the time. The draws are vectorised; the
+        geometric operations (shears, translations, rotations: nearest-neighbour resampling) of all
+        images run as one gather through each drawn operation's map of source pixels (made once by
+        torchvision's own operation on an image of pixel indices); the other policy operations run
+        once on every image that drew the same (operation, magnitude); jitter and erasing, whose
+        parameters are continuous, image by image."""
+        if not self:
             return x
-        if not any(isinstance(t, _POLICIES) for t in self.transform.transforms):  # nothing to group
-            return torch.stack([self(img, int(k)) for img, k in zip(x, keys)])
-        record, log = self._recorder()
-        plans = []
-        for img, k in zip(x, keys.tolist()):
-            log.clear()
-            with self._seeded(k):
-                record(img)
-            plans.append(list(log))
+        d = self.draw(keys, *x.shape[-2:])
         out = x.clone()
-        ops = self.transform.transforms
-        for slot in range(max(map(len, plans), default=0)):
+        if self.jitter is not None:
+            for i, params in enumerate(d["jitter"]):
+                out[i] = type(self.jitter).transform(self.jitter, out[i], params)
+        for ops, mags in zip(d.get("ops", np.empty((len(x), 0))).T, d.get("magnitudes", np.empty((len(x), 0))).T):
+            geometric = [i for i, name in enumerate(ops) if name in _GEOMETRIC]
+            if geometric:
+                at = torch.tensor(geometric)
+                out[at] = self._resample(out[at], [(ops[i], float(mags[i])) for i in geometric])
             groups: dict = {}
-            for i, plan in enumerate(plans):
-                if slot < len(plan):
-                    which, args = plan[slot]
-                    groups.setdefault((which, args) if isinstance(args, tuple) else (which, i), []).append(i)
-            for (which, _), images in groups.items():
-                t, args = ops[which], plans[images[0]][slot][1]
-                if isinstance(args, tuple):  # a policy's (operation, magnitude)
-                    if args[0] != "Identity":
-                        at = torch.tensor(images)
-                        out[at] = type(t)._apply_image_or_video_transform(
-                            t, out[at], *args, interpolation=t.interpolation, fill=t._fill)
-                else:  # colour jitter's or erasing's parameters
-                    out[images[0]] = type(t).transform(t, out[images[0]], args)
+            for i, (name, mag) in enumerate(zip(ops, mags.tolist())):
+                if name != "Identity" and name not in _GEOMETRIC:
+                    groups.setdefault((name, mag), []).append(i)
+            for (name, mag), images in groups.items():
+                at = torch.tensor(images)
+                out[at] = self._op(out[at], name, mag)
+        for i, box in enumerate(d.get("erase", ())):
+            if box is not None:
+                out[i] = v2.functional.erase(out[i], **box)
         return out
 
-    def _recorder(self):
-        """A copy of the transform whose steps log ``(index, what they would do)`` instead of doing it."""
-        if self._recording is None:
-            log: list = []
-            steps = []
-            for which, t in enumerate(self.transform.transforms):
-                t = copy.copy(t)
-                if isinstance(t, _POLICIES):
-                    t._apply_image_or_video_transform = functools.partial(_log_policy, log, which)
-                else:
-                    t.transform = functools.partial(_log_params, log, which)
-                steps.append(t)
-            self._recording = (v2.Compose(steps), log)
-        return self._recording
+    def _resample(self, x: torch.Tensor, ops: list[tuple[str, float]]) -> torch.Tensor:
+        """Images (n, C, H, W) each through its own geometric operation, as one gather."""
+        n, c, h, w = x.shape
+        maps = torch.stack([self._index_map(name, mag, h, w) for name, mag in ops])  # (n, H*W), -1 = outside
+        flat = x.reshape(n, c, h * w).gather(2, maps.clamp(min=0)[:, None, :].expand(n, c, h * w))
+        return flat.masked_fill_((maps < 0)[:, None, :], 0).reshape(n, c, h, w)  # outside: torchvision's fill
 
-
-_POLICIES = (v2.TrivialAugmentWide, v2.RandAugment, v2.AutoAugment)
-
-
-def _log_policy(log: list, which: int, image, transform_id: str, magnitude: float, interpolation, fill):
-    log.append((which, (transform_id, magnitude)))
-    return image
-
-
-def _log_params(log: list, which: int, inpt, params: dict):
-    log.append((which, params))
-    return inpt
+    def _index_map(self, name: str, magnitude: float, h: int, w: int) -> torch.Tensor:
+        """Which source pixel (flat index, or -1 outside the image) each output pixel of ``name`` at
+        ``magnitude`` takes: torchvision's operation run once on a float image of 1-based pixel indices
+        (nearest-neighbour resampling copies values; outside the image it fills 0)."""
+        k = (name, magnitude, h, w)
+        if k not in self._index_maps:
+            assert v2.InterpolationMode(self.policy.interpolation) == v2.InterpolationMode.NEAREST
+            assert self.policy.fill is None
+            index = torch.arange(1, h * w + 1, dtype=torch.float32).reshape(1, 1, h, w)
+            self._index_maps[k] = self._op(index, name, magnitude).reshape(-1).round().long() - 1
+        return self._index_maps[k]
 
 
 # ---------------------------------------------------------------------------------------------
