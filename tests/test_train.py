@@ -414,7 +414,7 @@ def test_fastnet_block_widths():
     assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 4)
     assert [c.out_channels for c in build_model(recipe_from_dict(TINY).model, 4).modules()
             if isinstance(c, torch.nn.Conv2d)][-1] == 32  # default: width x 4
-    with pytest.raises(FieldError, match="per-block widths are fastnet's"):
+    with pytest.raises(FieldError, match="is a setting of fastnet's, not resnet18's"):
         build_model(recipe_from_dict({**TINY, "model": {"arch": "resnet18", "widths": [8, 16, 32]}}).model, 4)
 
 

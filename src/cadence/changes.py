@@ -27,7 +27,8 @@ from cadence.rundir import RunDir
 
 POLICIES = ("keep-position", "stretch")
 # a field path is of a kind if it equals one of these or lies under one (``train`` covers ``train.*``)
-MODEL = ("model", "optimizer.name", "optimizer.decay_norm_and_bias", "data.source", "data.num_classes")
+MODEL = ("model", "optimizer.name", "optimizer.decay_norm_and_bias", "optimizer.groups", "data.source",
+         "data.num_classes")
 FREE = ("name", "train", "data.root", "data.val_split", "data.val_samples", "data.download", "data.num_workers",
         "data.cache", "data.cache_dir", "data.prepared", "data.on_bad_image", "optimizer.weight_decay",
         "optimizer.beta2", "optimizer.nesterov", "regularization", "stages.*.regularization")

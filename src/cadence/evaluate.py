@@ -16,8 +16,7 @@ def evaluate(parts: Parts, source: data.Source, resolution: int, *, batch_size: 
              raw: bool = False) -> dict:
     """Held-out loss, top-1 and (with more than 5 classes) top-5 of ``parts.eval_model`` (``raw``: of
     the trained weights, not their EMA) at ``resolution`` px, over every rank's share (summed across
-    ranks). ``tta='flip'``: the logits of each image and its mirror are averaged. ``crop_pct``: see
-    ``data.eval_loader``."""
+    ranks). ``tta``: see ``views``. ``crop_pct``: see ``data.eval_loader``."""
     model = parts.model if raw else parts.eval_model
     model.eval()
     total, loss_sum, correct1, correct5 = 0, 0.0, 0, 0
@@ -25,10 +24,7 @@ def evaluate(parts: Parts, source: data.Source, resolution: int, *, batch_size: 
     for x, y in data.eval_loader(source, resolution, batch_size, workers, rank=rank, world=world, crop_pct=crop_pct):
         y = y.to(parts.device)
         with parts.autocast:
-            x = parts.normalize(x)
-            logits = model(x)
-            if tta == "flip":
-                logits = (logits.float() + model(x.flip(3)).float()) / 2
+            logits = views(model, parts.normalize(x), tta)
         loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
         top = logits.topk(k, dim=1).indices
         correct1 += (top[:, 0] == y).sum().item()
@@ -41,6 +37,22 @@ def evaluate(parts: Parts, source: data.Source, resolution: int, *, batch_size: 
     if source.num_classes > 5:
         out["val_top5"] = correct5 / total
     return out
+
+
+def views(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """Logits of a normalised batch, with test-time augmentation: ``flip`` averages those of each image
+    and its mirror; ``flip-translate`` (airbench's six views) gives that pair weight 1/2 and the same
+    pair shifted 1 px diagonally each way (reflect padding) 1/4 each."""
+    if tta == "none":
+        return model(x)
+    pair = (model(x).float() + model(x.flip(3)).float()) / 2
+    if tta == "flip":
+        return pair
+    padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    h, w = x.shape[-2:]
+    up, down = padded[..., :h, :w], padded[..., 2:, 2:]
+    shifted = [(model(v).float() + model(v.flip(3)).float()) / 2 for v in (up, down)]
+    return pair / 2 + (shifted[0] + shifted[1]) / 4
 
 
 def evaluate_recipe(parts: Parts, setup: Setup, resolution: int | None = None) -> dict:

@@ -225,7 +225,7 @@ def range_test(parts, batches, step, *, start: float = 1e-6, end: float = 10.0, 
                     break
                 lr = lr_at(i, steps, start, end, mode)
                 for g in parts.optimizer.param_groups:
-                    g["lr"] = lr
+                    g["lr"] = lr * g.get("lr_mult", 1.0)
                 if momentum is not None:
                     set_momentum(parts.optimizer, momentum(i))
                 value = float(step(x, y))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 import torchvision
 
 from cadence.errors import FieldError
-from cadence.recipe import ModelConfig, OptimizerConfig
+from cadence.recipe import GroupConfig, GroupsConfig, ModelConfig, OptimizerConfig
 
 
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
@@ -20,7 +22,7 @@ class FastNet(nn.Module):
     frozen 2x2 patch-whitening convolution (see ``init_whitening``) followed by GELU."""
 
     def __init__(self, num_classes: int, in_channels: int = 3, width: int = 64, whiten: bool = False,
-                 widths: list[int] | None = None):
+                 widths: list[int] | None = None, dirac: bool = False, pool_ceil: bool = True):
         super().__init__()
         w = list(widths) if widths else [width, 2 * width, 4 * width]
         self.whiten = None
@@ -33,11 +35,21 @@ class FastNet(nn.Module):
             layers = _conv_bn(in_channels, w[0] // 2)
             cin = w[0] // 2
         for c in w:
-            layers += _conv_bn(cin, c)[:1] + [nn.MaxPool2d(2, ceil_mode=True)] + _conv_bn(c, c)[1:] \
+            layers += _conv_bn(cin, c)[:1] + [nn.MaxPool2d(2, ceil_mode=pool_ceil)] + _conv_bn(c, c)[1:] \
                 + _conv_bn(c, c)
             cin = c
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(cin, num_classes, bias=False)
+        if dirac:
+            self.dirac_()
+
+    @torch.no_grad()
+    def dirac_(self) -> None:
+        """airbench's initialisation: the first min(in, out) filters of each 3x3 convolution pass their
+        input channel through (``torch.nn.init.dirac_``); the other filters keep their random start."""
+        for m in self.features.modules():
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
+                nn.init.dirac_(m.weight[: min(m.in_channels, m.out_channels)])
 
     @torch.no_grad()
     def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
@@ -79,7 +91,7 @@ def _cifar_resnet18(cfg: ModelConfig, num_classes: int, in_channels: int) -> nn.
 
 
 ARCHS = {
-    "fastnet": lambda cfg, n, c: FastNet(n, c, cfg.width, cfg.whiten, cfg.widths),
+    "fastnet": lambda cfg, n, c: FastNet(n, c, cfg.width, cfg.whiten, cfg.widths, cfg.dirac, cfg.pool_ceil),
     "cifar_resnet18": _cifar_resnet18,
     **{name: _resnet(name) for name in ("resnet18", "resnet34", "resnet50", "resnet101")},
 }
@@ -108,8 +120,9 @@ def check_arch(cfg: ModelConfig) -> None:
         raise FieldError("model.arch", cfg.arch, "no such model (have: " + ", ".join(ARCHS) + ", or timm/<name>)")
     if cfg.whiten and cfg.arch != "fastnet":
         raise FieldError("model.whiten", True, f"patch whitening is a fastnet stem, not {cfg.arch}'s")
-    if cfg.widths is not None and cfg.arch != "fastnet":
-        raise FieldError("model.widths", cfg.widths, f"per-block widths are fastnet's, not {cfg.arch}'s")
+    for key, off in (("widths", None), ("dirac", False), ("pool_ceil", True)):
+        if getattr(cfg, key) != off and cfg.arch != "fastnet":
+            raise FieldError(f"model.{key}", getattr(cfg, key), f"is a setting of fastnet's, not {cfg.arch}'s")
 
 
 def build_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
@@ -118,9 +131,21 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3) -> nn.
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
         raise FieldError("model.num_classes", cfg.num_classes, f"but the data has {num_classes} classes")
     if cfg.arch.startswith(TIMM):
-        return _timm("model.arch", cfg.arch).create_model(cfg.arch[len(TIMM):], pretrained=False,
-                                                          num_classes=num_classes, in_chans=in_channels)
-    return ARCHS[cfg.arch](cfg, num_classes, in_channels)
+        model = _timm("model.arch", cfg.arch).create_model(cfg.arch[len(TIMM):], pretrained=False,
+                                                           num_classes=num_classes, in_chans=in_channels)
+    else:
+        model = ARCHS[cfg.arch](cfg, num_classes, in_channels)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = m.momentum if cfg.bn_momentum is None else cfg.bn_momentum
+            m.eps = m.eps if cfg.bn_eps is None else cfg.bn_eps
+    if cfg.logit_scale != 1.0:
+        model.register_forward_hook(functools.partial(_scale_output, cfg.logit_scale))
+    return model
+
+
+def _scale_output(scale: float, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+    return output * scale
 
 
 def check_optimizer(cfg: OptimizerConfig) -> None:
@@ -129,20 +154,64 @@ def check_optimizer(cfg: OptimizerConfig) -> None:
         _timm("optimizer.name", cfg.name)
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool = False) -> list[dict]:
-    """Weight decay on weights only: norm scales/shifts and biases (1-d parameters) get none."""
-    if decay_norm_and_bias:
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
-    decay, no_decay = [], []
-    for p in model.parameters():
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def parameter_kinds(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Each trainable-or-frozen parameter once, with its kind: ``norm_weight``/``norm_bias`` (a
+    BatchNorm's, LayerNorm's or GroupNorm's), ``whiten_bias`` (fastnet's stem), ``bias`` (every other
+    1-d parameter) or ``weight``."""
+    out, seen = [], set()
+    whiten = getattr(model, "whiten", None)
+    for m in model.modules():
+        for name, p in m.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if isinstance(m, _NORMS):
+                kind = "norm_weight" if name == "weight" else "norm_bias"
+            elif m is whiten and name == "bias":
+                kind = "whiten_bias"
+            else:
+                kind = "bias" if p.ndim <= 1 else "weight"
+            out.append((kind, p))
+    return out
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool = False,
+                 groups: GroupsConfig | None = None, lr: float = 1.0) -> list[dict]:
+    """Weight decay on weights only: norm scales/shifts and biases (1-d parameters) get none
+    (``decay_norm_and_bias``: they do too). ``groups`` gives kinds of parameters (see
+    ``parameter_kinds``) their own LR multiplier (``lr_mult``; the scheduler keeps it), weight decay,
+    a number of epochs to train (``epochs``; the scheduler holds them after) or freezes them
+    (``requires_grad`` off). The optimizer's own group comes first."""
+    own = groups.set() if groups is not None else {}
+    if not own:
+        if decay_norm_and_bias:
+            return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    by_kind: dict[str, list] = {}
+    for kind, p in parameter_kinds(model):
+        if kind in own and own[kind].frozen:
+            p.requires_grad_(False)
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            by_kind.setdefault(kind, []).append(p)
+    out = [{"params": by_kind.pop("weight", []), "weight_decay": weight_decay}]
+    plain = weight_decay if decay_norm_and_bias else 0.0
+    for kind, params in by_kind.items():
+        g = own.get(kind) or GroupConfig()
+        out.append({"params": params, "kind": kind, "lr": lr * g.lr, "lr_mult": g.lr, "epochs": g.epochs,
+                    "weight_decay": plain if g.weight_decay is None else g.weight_decay})
+    return out
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
     lr = 1.0 if cfg.lr == "auto" else cfg.lr  # "auto": a stand-in until the range test has run
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias, cfg.groups, lr)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     if cfg.name == "adamw":

@@ -84,8 +84,12 @@ def build_setup(recipe: Recipe, recipe_file: str | None = None) -> Setup:
         if recipe.model.whiten and source.native_size is None:
             raise FieldError("model.whiten", True, "is set from in-memory images (cifar10, synthetic, digits), "
                              f"not from {recipe.data.source} files")
-        if recipe.train.tta == "flip" and not source.flip:
-            raise FieldError("train.tta", "flip", f"but {recipe.data.source} images are never flipped in "
+        flipped = [(f"stages.{k}.regularization.flip", r.flip) for k, r in enumerate(recipe.stage_regularization())
+                   if r.flip != "random"]
+        if flipped and not source.flip:
+            raise FieldError(*flipped[0], f"but {recipe.data.source} images are never flipped")
+        if recipe.train.tta != "none" and not source.flip:
+            raise FieldError("train.tta", recipe.train.tta, f"but {recipe.data.source} images are never flipped in "
                              "training (mirrored digits are not digits)")
         world = distributed.from_env().world
         timeline = recipe.timeline(train_samples=len(source.train), world_size=world)
@@ -117,6 +121,7 @@ class Parts:
     clip_mode: str = "norm"  # norm: global L2 norm; agc: adaptive, unit by unit (clip_grad_norm is the factor)
     ddp: nn.Module | None = None  # the DistributedDataParallel wrapper, if any (its no_sync)
     ema_decay: list[float] | None = None  # the EMA's decay at each step, when it changes (a half-life, warmup)
+    lookahead: Lookahead | None = None  # weights pulled back to their running average every few steps
 
     @property
     def eval_model(self) -> nn.Module:
@@ -124,8 +129,8 @@ class Parts:
         return self.ema.module if self.ema is not None else self.model
 
     def load_weights(self, state: dict) -> None:
-        """Model (and EMA) weights from a checkpoint's state. A checkpoint without an EMA (switched on
-        at a resume) starts the average from the weights as they are."""
+        """Model (and EMA, lookahead) weights from a checkpoint's state. A checkpoint without an EMA or
+        lookahead average (switched on at a resume) starts the average from the weights as they are."""
         self.model.load_state_dict(state["model"])
         if self.ema is not None:
             if state.get("ema"):
@@ -133,6 +138,8 @@ class Parts:
             else:
                 self.ema.module.load_state_dict(state["model"])
                 self.ema.n_averaged.zero_()
+        if self.lookahead is not None:  # switched on at a resume: the average starts from the weights
+            self.lookahead.load_state_dict(state.get("lookahead") or self.model.state_dict())
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor | mixing.Targets) -> torch.Tensor:
         """Loss of a normalised batch against labels or ``Targets``, gradients (scaled under fp16) in
@@ -180,6 +187,8 @@ class Parts:
                     adaptive_clip_([p for g in self.optimizer.param_groups for p in g["params"]], self.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.lookahead is not None:  # the scheduler's clock has not moved yet: this is step last_epoch + 1
+            self.lookahead.step(self.model, self.scheduler.last_epoch + 1)
         if ema and self.ema is not None:
             if self.ema_decay is not None:  # this step's decay (the scheduler's clock: it has not moved yet)
                 from torch.optim.swa_utils import get_ema_multi_avg_fn
@@ -194,6 +203,37 @@ class Parts:
         ``optimizer.lr: auto`` has been resolved); model, EMA and wrappers are kept as they are."""
         optimizer = models.build_optimizer(self.model, recipe.optimizer)
         return dataclasses.replace(self, optimizer=optimizer, scheduler=StepScheduler(optimizer, timeline))
+
+
+class Lookahead:
+    """airbench's "lookahead": a running average of the model's floating-point state (weights and
+    BatchNorm statistics). After optimizer step ``t`` (1-based) of ``total``, when ``t`` is a multiple
+    of ``every``: ``avg = d avg + (1 - d) state`` with ``d = decay x (t / total) ** power``, and the model
+    is set to ``avg``; after the last step the model is set to ``avg`` (so with ``total`` not a multiple
+    of ``every``, the steps after the last pull-back are dropped, as airbench's are)."""
+
+    def __init__(self, model: nn.Module, every: int, decay: float, power: float, total: int):
+        self.every, self.decay, self.power, self.total = every, decay, power, total
+        self.average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def step(self, model: nn.Module, t: int) -> None:
+        if t % self.every and t < self.total:
+            return
+        state = model.state_dict()
+        if t % self.every == 0:
+            d = self.decay * (min(t, self.total) / self.total) ** self.power
+            for k, avg in self.average.items():
+                avg.lerp_(state[k], 1 - d)
+        for k, avg in self.average.items():
+            state[k].copy_(avg)
+
+    def state_dict(self) -> dict:
+        return {k: v.clone() for k, v in self.average.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in self.average.items():
+            v.copy_(state[k])
 
 
 def _unitwise_norm(x: torch.Tensor) -> torch.Tensor:
@@ -242,11 +282,14 @@ def build_parts(setup: Setup) -> Parts:
         wrapped = DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
     forward = torch.compile(wrapped) if r.train.compile else wrapped
     normalize = data.normalizer(setup.source, dev, r.train.channels_last)
+    la = r.train.lookahead
+    lookahead = Lookahead(model, la.every, la.decay, la.power, len(setup.timeline)) if la is not None else None
     return Parts(model, forward, ema, optimizer, scheduler, scaler, autocast, criterion, normalize, dev,
                  micro_batch=r.train.micro_batch_size, clip_grad_norm=r.train.clip_grad_norm,
                  clip_mode=r.train.clip_mode,
                  ddp=wrapped if setup.dist.active else None,
-                 ema_decay=setup.timeline.ema_decay if ema is not None and len(set(decays)) > 1 else None)
+                 ema_decay=setup.timeline.ema_decay if ema is not None and len(set(decays)) > 1 else None,
+                 lookahead=lookahead)
 
 
 def whitening_sample(setup: Setup, n: int = 5000) -> torch.Tensor:

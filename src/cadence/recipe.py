@@ -106,6 +106,11 @@ class ModelConfig:
     width: int = 64  # fastnet/cifar nets: channels of the first block
     widths: list[int] | None = None  # fastnet: channels of its three blocks (default: width x [1, 2, 4])
     whiten: bool = False  # fastnet: a frozen 2x2 patch-whitening stem set from training images (airbench)
+    dirac: bool = False  # fastnet: each 3x3 conv's first min(in, out) filters start as the identity (airbench)
+    pool_ceil: bool = True  # fastnet: max pools round odd sizes up (false: down, as airbench's)
+    logit_scale: float = 1.0  # the logits are multiplied by this (airbench: 1/9)
+    bn_momentum: float | None = None  # every BatchNorm's momentum, torch's convention (airbench: 0.4); default torch's 0.1
+    bn_eps: float | None = None  # every BatchNorm's eps (airbench: 1e-12); default torch's 1e-5
 
     def __post_init__(self):
         _check(self.num_classes is None or self.num_classes >= 2, "num_classes", self.num_classes,
@@ -113,6 +118,10 @@ class ModelConfig:
         _check(self.width > 0, "width", self.width, "must be positive")
         _check(self.widths is None or len(self.widths) == 3 and all(isinstance(w, int) and w > 0 for w in self.widths),
                "widths", self.widths, "must be three positive channel counts")
+        _check(0 < self.logit_scale < float("inf"), "logit_scale", self.logit_scale, "must be positive and finite")
+        _check(self.bn_momentum is None or 0 < self.bn_momentum <= 1, "bn_momentum", self.bn_momentum,
+               "must be in (0, 1] (torch's convention: the weight of the new batch's statistics)")
+        _check(self.bn_eps is None or 0 < self.bn_eps < 1, "bn_eps", self.bn_eps, "must be in (0, 1)")
 
 
 @dataclass(kw_only=True)
@@ -133,6 +142,40 @@ class RangeTestConfig:
 
 
 @dataclass(kw_only=True)
+class GroupConfig:
+    """One kind of parameter's own optimizer settings (``optimizer.groups.<kind>``)."""
+
+    lr: float = 1.0  # multiplier of the scheduled LR (airbench's BatchNorm biases: 64)
+    weight_decay: float | None = None  # this group's weight decay (default: the optimizer's, or 0 for
+    # norms and biases unless decay_norm_and_bias)
+    frozen: bool = False  # never trained: stays at its initial value (airbench's BatchNorm weights)
+    epochs: int | None = None  # trained for the first N (global) epochs, then held (airbench's whitening bias: 3)
+
+    def __post_init__(self):
+        _check(0 <= self.lr < float("inf"), "lr", self.lr, "is a multiplier of the scheduled LR: must be >= 0")
+        _check(self.weight_decay is None or 0 <= self.weight_decay < float("inf"), "weight_decay",
+               self.weight_decay, "must be >= 0 and finite")
+        _check(self.epochs is None or self.epochs >= 1, "epochs", self.epochs, "must be >= 1 (or frozen: true)")
+        _check(not (self.frozen and self.epochs), "frozen", self.frozen, "set frozen or epochs, not both")
+
+
+@dataclass(kw_only=True)
+class GroupsConfig:
+    """Parameters by kind: BatchNorm/LayerNorm/GroupNorm weights and biases, other biases (every
+    other 1-d parameter), and fastnet's whitening-stem bias. Everything else is the optimizer's own
+    group, at the scheduled LR and ``optimizer.weight_decay``."""
+
+    norm_weight: GroupConfig | None = None
+    norm_bias: GroupConfig | None = None
+    bias: GroupConfig | None = None
+    whiten_bias: GroupConfig | None = None
+
+    def set(self) -> dict[str, GroupConfig]:
+        return {k: getattr(self, k) for k in ("norm_weight", "norm_bias", "bias", "whiten_bias")
+                if getattr(self, k) is not None}
+
+
+@dataclass(kw_only=True)
 class OptimizerConfig:
     name: Literal["sgd", "adamw", "lamb", "lars", "lion"] = "sgd"  # lamb, lars, lion: timm's (optional extra)
     lr: float | Literal["auto"] = 0.1  # PEAK LR at reference_batch_size ("auto": LR range test first)
@@ -143,6 +186,7 @@ class OptimizerConfig:
     nesterov: bool = False
     weight_decay: float = 5.0e-5
     decay_norm_and_bias: bool = False  # weight decay on BN/bias parameters too
+    groups: GroupsConfig = field(default_factory=GroupsConfig)  # per kind of parameter: LR multiplier, decay, frozen
     lr_find: RangeTestConfig = field(default_factory=RangeTestConfig)  # the range test of lr: auto
 
     def __post_init__(self):
@@ -161,6 +205,23 @@ class ScheduleConfig:
     spec: ScheduleSpec
     scope: Scope = "global"
     progress: Progress = "steps"
+
+
+@dataclass(kw_only=True)
+class LookaheadConfig:
+    """Every ``every`` optimizer steps, an average of the weights (and BatchNorm statistics) moves
+    toward the trained ones, ``avg = d avg + (1 - d) weights`` with ``d = decay x progress ** power``,
+    and the weights are set to it; after the last step the weights are the average (airbench's
+    "lookahead": every 5 steps, 0.95 ** 5, power 3)."""
+
+    every: int = 5
+    decay: float = 0.7737809375  # 0.95 ** 5
+    power: float = 3.0
+
+    def __post_init__(self):
+        _check(self.every >= 1, "every", self.every, "must be >= 1 optimizer step")
+        _check(0 <= self.decay < 1, "decay", self.decay, "must be in [0, 1)")
+        _check(0 <= self.power < float("inf"), "power", self.power, "must be >= 0 and finite")
 
 
 @dataclass(kw_only=True)
@@ -189,7 +250,9 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a non-finite loss: stop (exit 1) | skip that update
     ema: float | Duration | None = None  # weight EMA: decay per step (0.999), or a half-life ("2 epochs", "500k samples")
     ema_warmup: bool = False  # the EMA's decay is at most (1 + step) / (10 + step) (timm's warmup)
-    tta: Literal["none", "flip"] = "none"  # evaluation: average the logits of the image and its mirror
+    lookahead: LookaheadConfig | None = None  # weights pulled back to their running average (airbench's)
+    tta: Literal["none", "flip", "flip-translate"] = "none"  # evaluation: average the logits of the image and its
+    # mirror; flip-translate: and of both shifted by 1 px diagonally each way (reflect padded), airbench's 6 views
 
     def __post_init__(self):
         _check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "must be in [0, 1)")

@@ -20,6 +20,8 @@ Policy = Literal["none", "trivialaugment", "randaugment", "autoaugment"]
 MAGNITUDE_BINS = 31  # torchvision's num_magnitude_bins for RandAugment and TrivialAugmentWide
 IN_MEMORY_SOURCES = ("digits", "synthetic", "cifar10")  # pad-cropped batches, not RandomResizedCrop
 FILE_ONLY = ("crop_scale", "crop_ratio")
+MEMORY_ONLY = ("translate",)
+Flip = Literal["random", "alternate", "none"]
 
 
 def _check(cond: bool, name: str, value: object, message: str) -> None:
@@ -39,6 +41,9 @@ class Regularization:
 
     crop_scale: tuple[float, float] | None = None  # RandomResizedCrop's area fraction (image files)
     crop_ratio: tuple[float, float] | None = None  # RandomResizedCrop's aspect ratio (image files)
+    translate: int | None = None  # in-memory: pad-crop by up to this many px, reflect padding (default: 1/8 of the side)
+    flip: Flip | None = None  # random: each image by a fair coin; alternate: random at the first epoch, then
+    # every image the other way round each epoch (airbench's); none
     policy: Policy | None = None  # per-image policy, torchvision's: TrivialAugmentWide, RandAugment, AutoAugment
     num_ops: int | None = None  # randaugment: ops per image
     magnitude: int | None = None  # randaugment: 0 .. 30 (torchvision's 31 bins)
@@ -54,6 +59,8 @@ class Regularization:
     def __post_init__(self):
         _pair("crop_scale", self.crop_scale, 0, 1, "1")
         _pair("crop_ratio", self.crop_ratio, 0, math.inf, "a finite ratio")
+        _check(self.translate is None or 0 <= self.translate <= 64, "translate", self.translate,
+               "must be in 0 .. 64 px")
         _check(self.num_ops is None or 1 <= self.num_ops <= 16, "num_ops", self.num_ops, "must be in 1 .. 16")
         _check(self.magnitude is None or 0 <= self.magnitude < MAGNITUDE_BINS, "magnitude", self.magnitude,
                f"must be in 0 .. {MAGNITUDE_BINS - 1} (torchvision's magnitude bins)")
@@ -92,7 +99,7 @@ class Regularization:
         return self.policy != "none" or self.color_jitter > 0 or self.random_erasing > 0
 
 
-DEFAULTS = Regularization(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), policy="none", num_ops=2,
+DEFAULTS = Regularization(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip="random", policy="none", num_ops=2,
                           magnitude=9, color_jitter=0.0, random_erasing=0.0, erasing_scale=(0.02, 0.33),
                           mixup=0.0, cutmix=0.0, mix_prob=1.0, switch_prob=0.5, label_smoothing=0.0)
 
@@ -103,14 +110,19 @@ def resolve(recipe: Regularization, stages: list[Regularization], *, source: str
     ``train.label_smoothing`` as the recipe-wide default of ``label_smoothing``). Raises FieldError
     (field path, value) for a key the source cannot apply."""
     base = recipe.over(dataclasses.replace(DEFAULTS, label_smoothing=label_smoothing))
-    if source in IN_MEMORY_SOURCES:
-        for where, reg in [("regularization", recipe)] + [(f"stages.{k}.regularization", s)
-                                                          for k, s in enumerate(stages)]:
+    for where, reg in [("regularization", recipe)] + [(f"stages.{k}.regularization", s)
+                                                      for k, s in enumerate(stages)]:
+        if source in IN_MEMORY_SOURCES:
             for name in FILE_ONLY:
                 value = getattr(reg, name)
                 _check(value is None or value == getattr(DEFAULTS, name), f"{where}.{name}",
                        list(value or ()), f"applies to image files (RandomResizedCrop); source {source} pads and "
                        "crops its in-memory images instead")
+        else:
+            for name in MEMORY_ONLY:
+                _check(getattr(reg, name) is None, f"{where}.{name}", getattr(reg, name),
+                       f"applies to in-memory images (pad and crop); source {source} crops files with "
+                       "RandomResizedCrop (crop_scale, crop_ratio)")
     return [s.over(base) for s in stages]
 
 
@@ -128,6 +140,8 @@ def describe(name: str, value: object) -> str:
     """A value as the plan prints it."""
     if isinstance(value, tuple):
         return "-".join(f"{v:.3g}" for v in value)
+    if value is None:  # translate's default
+        return "1/8 side"
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
@@ -140,4 +154,4 @@ def numeric(name: str, value: object) -> float:
         return float(value[0])
     if isinstance(value, str):
         return float(value != "none")
-    return float(value)
+    return math.nan if value is None else float(value)

@@ -63,9 +63,13 @@ class StepScheduler(LRScheduler):
         return min(max(self.last_epoch, 0), len(self.timeline) - 1)
 
     def get_lr(self) -> list[float]:
-        lr = self.timeline.lr[self._index()]
+        """The plan's LR; a group with its own LR keeps its ratio to the plan's peak, and a group
+        trained for its first ``epochs`` (``optimizer.groups``) gets 0 after them: held exactly."""
+        i = self._index()
+        lr, epoch = self.timeline.lr[i], self.timeline.epoch[i]
         base = self.timeline.base_lr
-        return [lr if g["initial_lr"] == base else lr * g["initial_lr"] / base
+        return [0.0 if g.get("epochs") is not None and epoch >= g["epochs"] else
+                lr if g["initial_lr"] == base else lr * g["initial_lr"] / base
                 for g in self.optimizer.param_groups]
 
     def step(self, epoch: int | None = None) -> None:

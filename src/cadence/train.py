@@ -112,6 +112,7 @@ class Trainer:
             "rng": checkpoint.rng_state(), "recipe": self.recipe.raw, "elapsed": self.elapsed, "wall": self.wall(),
             "evals": self.evals, "skipped": self.guard.skipped,
             "ema": p.ema.state_dict() if p.ema is not None else None,
+            "lookahead": p.lookahead.state_dict() if p.lookahead is not None else None,
         }
 
     def load_state(self, state: dict, at: int | None = None) -> None:

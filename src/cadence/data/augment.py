@@ -31,14 +31,34 @@ def crop_flip_draws(keys: np.ndarray, pad: int) -> tuple[torch.Tensor, torch.Ten
     return off[:, 0], off[:, 1], torch.from_numpy((d[:, 2] & np.uint64(1)).astype(bool))
 
 
-def augment_batch(x: torch.Tensor, keys: np.ndarray, *, native: int, flip: bool,
-                  resolution: int) -> torch.Tensor:
-    """Pad-crop (reflect, native/8 px), optional horizontal flip and resize of a uint8 batch
-    (N, C, native, native), as one gather and one interpolation. Image ``i``'s crop and flip
-    come from ``keys[i]`` alone, so an image is augmented the same way whichever batch or rank it
-    lands in. Returns float32 in [0, 255]."""
-    n, pad = len(x), max(native // 8, 1)
-    dy, dx, fl = crop_flip_draws(keys, pad)
+FLIP_STREAM = 0xF11B  # with the seed and an image's index: its flip under flip: alternate
+
+
+def forced_flips(mode: str, seed: int, epoch: int, indices) -> np.ndarray | None:
+    """Each image's flip when ``regularization.flip`` decides it rather than the image's key:
+    ``alternate`` flips an image at the first epoch by a fair coin of (seed, image), then the other
+    way round every epoch after (airbench's alternating flips: a global epoch's parity); ``none``
+    never flips. ``random``: None (the key's coin)."""
+    if mode == "random":
+        return None
+    if mode == "none":
+        return np.zeros(len(indices), dtype=bool)
+    coin = (mix(seed, FLIP_STREAM, np.asarray(indices, dtype=np.uint64)) >> np.uint64(17)) & np.uint64(1)
+    return coin.astype(bool) ^ bool(epoch % 2)
+
+
+def augment_batch(x: torch.Tensor, keys: np.ndarray, *, native: int, flip: bool, resolution: int,
+                  pad: int | None = None, flips: np.ndarray | None = None) -> torch.Tensor:
+    """Pad-crop (reflect, ``pad`` px: default native/8), optional horizontal flip and resize of a
+    uint8 batch (N, C, native, native), as one gather and one interpolation. Image ``i``'s crop and
+    flip come from ``keys[i]`` alone (or its flip from ``flips[i]``), so an image is augmented the
+    same way whichever batch or rank it lands in. Returns float32 in [0, 255]."""
+    n, pad = len(x), max(native // 8, 1) if pad is None else pad
+    dy, dx, fl = crop_flip_draws(keys, max(pad, 1))
+    if pad == 0:
+        dy, dx = torch.zeros_like(dy), torch.zeros_like(dx)
+    if flips is not None:
+        fl = torch.from_numpy(flips)
     ar = torch.arange(native)
     rows = _reflect(dy[:, None] + ar - pad, native)  # (n, native): source row of each output row
     cols = _reflect(dx[:, None] + ar - pad, native)
@@ -95,9 +115,9 @@ def draw_box(key: int, width: int, height: int, scale=(0.08, 1.0), ratio=(3 / 4,
 
 
 def crop_image(path: str, key: int, resolution: int, *, flip: bool = True, draft: bool = True,
-               scale=DEFAULTS.crop_scale, ratio=DEFAULTS.crop_ratio) -> Image.Image:
+               scale=DEFAULTS.crop_scale, ratio=DEFAULTS.crop_ratio, mirror: bool | None = None) -> Image.Image:
     """RandomResizedCrop (``scale``, ``ratio``) + flip of one file to ``resolution`` px, as an RGB PIL
-    image. The box is drawn from the header's size; a JPEG is then decoded with DCT-domain scaling
+    image (``mirror``: flipped or not regardless of the key's coin). The box is drawn from the header's size; a JPEG is then decoded with DCT-domain scaling
     (1/2, 1/4, 1/8) to the smallest size whose crop still covers ``resolution``, and only then resized."""
     with Image.open(path) as im:
         width, height = im.size
@@ -111,14 +131,15 @@ def crop_image(path: str, key: int, resolution: int, *, flip: bool = True, draft
                         box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
     if out.mode != "RGB":
         out = out.convert("RGB")
+    flipped = flipped if mirror is None else mirror
     return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip and flipped else out
 
 
 def decode_crop(path: str, key: int, resolution: int, *, flip: bool = True, draft: bool = True,
-                scale=DEFAULTS.crop_scale, ratio=DEFAULTS.crop_ratio) -> torch.Tensor:
+                scale=DEFAULTS.crop_scale, ratio=DEFAULTS.crop_ratio, mirror: bool | None = None) -> torch.Tensor:
     """``crop_image`` as uint8 HWC."""
     return torch.from_numpy(np.array(crop_image(path, key, resolution, flip=flip, draft=draft, scale=scale,
-                                                ratio=ratio)))
+                                                ratio=ratio, mirror=mirror)))
 
 
 # ---------------------------------------------------------------------------------------------

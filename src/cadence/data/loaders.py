@@ -12,7 +12,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cadence.data.augment import (DEFAULT_CROP_PCT, ImagePolicy, augment_batch, crop_image, decode_crop, eval_batch,
-                                  eval_transform)
+                                  eval_transform, forced_flips)
 from cadence.data.keys import EpochSampler
 from cadence.data.sources import BAD_IMAGE_ERRORS, Source, bad_reason, pick_copy
 from cadence.errors import FieldError
@@ -34,16 +34,19 @@ class MemoryLoader:
         self.source, self.resolution, self.sampler = source, resolution, sampler
         self.local, self.drop_last = local_batch, drop_last
         self.policy = ImagePolicy(regularization, source.mean)
+        self.translate, self.flip = regularization.translate, regularization.flip
 
     def __iter__(self):
         data_ = self.source.train
         indices, keys = self.sampler.keyed()
+        flips = forced_flips(self.flip, self.sampler.seed, self.sampler.epoch, indices.numpy())
         for b in range(0, len(indices), self.local):
             idx = indices[b: b + self.local]
             if len(idx) < self.local and self.drop_last:
                 return
             x = augment_batch(data_.images[idx], keys[b: b + self.local], native=self.source.native_size,
-                              flip=self.source.flip, resolution=self.resolution)
+                              flip=self.source.flip, resolution=self.resolution, pad=self.translate,
+                              flips=None if flips is None else flips[b: b + self.local])
             if self.policy:  # the crop's float pixels are whole numbers: back to uint8 exactly
                 x = self.policy.batch(x.to(torch.uint8), keys[b: b + self.local])
             yield x, data_.labels[idx]
@@ -58,9 +61,10 @@ class MemoryLoader:
 
 
 class CropDecode(Dataset):
-    """``dataset[(index, key, resolution, copy, regularization)]`` -> ``(HWC uint8 or None, label,
-    bad)``. The resolution, the prepared copy to read and the stage's regularization travel with
-    each item, so one set of persistent workers serves every stage. ``roots[copy]`` replaces
+    """``dataset[(index, key, resolution, copy, regularization, mirror)]`` -> ``(HWC uint8 or None,
+    label, bad)``. The resolution, the prepared copy to read, the stage's regularization and the
+    flip when it is not the key's (``mirror``, else None) travel with each item, so one set of
+    persistent workers serves every stage. ``roots[copy]`` replaces
     ``roots[0]`` at the start of each path; ``mean`` is the erasing fill."""
 
     def __init__(self, items: list[tuple[str, int]], flip: bool = True, roots: list[str] | None = None,
@@ -72,7 +76,7 @@ class CropDecode(Dataset):
         return len(self.items)
 
     def __getitem__(self, item):
-        index, key, resolution, copy, reg = item
+        index, key, resolution, copy, reg, mirror = item
         path, label = self.items[index]
         if copy:
             path = self.roots[copy] + path[len(self.roots[0]):]
@@ -82,8 +86,9 @@ class CropDecode(Dataset):
         try:
             if not policy:
                 return decode_crop(path, key, resolution, flip=self.flip, scale=reg.crop_scale,
-                                   ratio=reg.crop_ratio), label, None
-            image = crop_image(path, key, resolution, flip=self.flip, scale=reg.crop_scale, ratio=reg.crop_ratio)
+                                   ratio=reg.crop_ratio, mirror=mirror), label, None
+            image = crop_image(path, key, resolution, flip=self.flip, scale=reg.crop_scale, ratio=reg.crop_ratio,
+                               mirror=mirror)
         except BAD_IMAGE_ERRORS as e:
             return None, label, (path, bad_reason(e))
         return policy(image, key).permute(1, 2, 0), label, None
@@ -163,7 +168,10 @@ class FileLoader:
     def epoch(self, sampler: EpochSampler, resolution: int, local_batch: int, drop_last: bool, copy: int = 0,
               regularization: Regularization = DEFAULTS):
         indices, keys = sampler.keyed()
-        items = [(i, k, resolution, copy, regularization) for i, k in zip(indices.tolist(), keys.tolist())]
+        flips = forced_flips(regularization.flip, sampler.seed, sampler.epoch, indices.numpy())
+        mirror = [None] * len(indices) if flips is None else flips.tolist()
+        items = [(i, k, resolution, copy, regularization, m)
+                 for i, k, m in zip(indices.tolist(), keys.tolist(), mirror)]
         self.batches.batches = [items[b: b + local_batch] for b in range(0, len(items), local_batch)
                                 if not drop_last or b + local_batch <= len(items)]
         return _Epoch(self)

@@ -1,0 +1,292 @@
+"""airbench's techniques as recipe keys (issue #21): per-kind optimizer groups (LR multipliers, weight
+decay, frozen, trained for N epochs), BatchNorm settings, dirac init, floor pooling, logit scale,
+lookahead, alternating flips, translation, the triangular schedule and six-view TTA -- each against a
+closed form, torch, or airbench's rule as its source states it; resume and bad input."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cadence import data, evaluate, parts
+from cadence.data.keys import EpochSampler
+from cadence.models import build_model, build_optimizer, parameter_kinds
+from cadence.recipe import DataConfig, ModelConfig, OptimizerConfig, load_recipe, recipe_from_dict
+from cadence.regularization import DEFAULTS, Regularization
+from helpers import GOOD, ROOT, TINY, assert_plan_refuses, assert_same_state, run
+
+AIRBENCH_GROUPS = {"norm_bias": {"lr": 64, "weight_decay": 2e-5}, "norm_weight": {"frozen": True},
+                   "whiten_bias": {"epochs": 1}}
+AIRBENCH_TINY = {**TINY, "data": {**TINY["data"], "image_size": 16},
+                 "model": {"arch": "fastnet", "width": 8, "whiten": True, "dirac": True, "pool_ceil": False,
+                           "logit_scale": 0.25, "bn_momentum": 0.4, "bn_eps": 1e-12},
+                 "optimizer": {**TINY["optimizer"], "nesterov": True, "groups": AIRBENCH_GROUPS},
+                 "regularization": {"flip": "alternate", "translate": 2},
+                 "train": {**TINY["train"], "lookahead": {"every": 2}, "tta": "flip-translate"}}
+
+
+# -- optimizer groups ------------------------------------------------------------------------------
+
+
+def test_parameter_kinds_and_groups():
+    model = build_model(ModelConfig(arch="fastnet", width=8, whiten=True), 4)
+    kinds = {}
+    for kind, p in parameter_kinds(model):
+        kinds.setdefault(kind, []).append(p)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert [id(p) for p in kinds["norm_weight"]] == [id(m.weight) for m in bns]
+    assert [id(p) for p in kinds["norm_bias"]] == [id(m.bias) for m in bns]
+    assert [id(p) for p in kinds["whiten_bias"]] == [id(model.whiten.bias)] and "bias" not in kinds
+    # no groups set: the optimizer's groups are what they always were (checkpoints of older runs load)
+    assert len(build_optimizer(model, OptimizerConfig()).param_groups) == 2
+    opt = build_optimizer(model, OptimizerConfig(**recipe_from_dict(
+        {**GOOD, "optimizer": {"lr": 0.5, "weight_decay": 1e-3, "groups": AIRBENCH_GROUPS}}).optimizer.__dict__))
+    by_kind = {g.get("kind", "weight"): g for g in opt.param_groups}
+    assert set(by_kind) == {"weight", "norm_bias", "whiten_bias"}  # frozen weights are in no group
+    assert not any(m.weight.requires_grad for m in bns)
+    assert by_kind["weight"]["lr"] == 0.5 and by_kind["weight"]["weight_decay"] == 1e-3
+    assert by_kind["norm_bias"]["lr"] == 32.0 and by_kind["norm_bias"]["weight_decay"] == 2e-5
+    assert by_kind["whiten_bias"]["weight_decay"] == 0.0 and by_kind["whiten_bias"]["epochs"] == 1
+
+
+def test_group_lrs_follow_the_plan_with_their_multiplier_and_stop_after_their_epochs():
+    recipe = recipe_from_dict(AIRBENCH_TINY)
+    setup = parts.build_setup(recipe)
+    p = parts.build_parts(setup)
+    t = setup.timeline
+    kind = [g.get("kind", "weight") for g in p.optimizer.param_groups]
+    for step in range(len(t)):
+        lrs = dict(zip(kind, p.scheduler.get_last_lr()))
+        assert lrs["weight"] == pytest.approx(t.lr[step], rel=1e-12)
+        assert lrs["norm_bias"] == pytest.approx(64 * t.lr[step], rel=1e-12)
+        assert lrs["whiten_bias"] == (pytest.approx(t.lr[step], rel=1e-12) if t.epoch[step] < 1 else 0.0)
+        p.optimizer.step()
+        p.scheduler.step()
+
+
+def test_frozen_and_finished_groups_do_not_move_in_training(tmp_path):
+    trainer, _ = run(AIRBENCH_TINY, str(tmp_path / "run"))
+    model = trainer.parts.model
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in bns)  # frozen at 1
+    # the whitening bias trained in epoch 0 only: a run stopped after epoch 0 ends with the same bias
+    first, _ = run(AIRBENCH_TINY, str(tmp_path / "first"), stop_at=trainer.timeline.epoch_starts[1])
+    assert not torch.equal(first.parts.model.whiten.bias, torch.zeros(24))
+    # (lookahead pulls every weight toward its average, the bias included: compare without it)
+    no_la = copy.deepcopy(AIRBENCH_TINY)
+    del no_la["train"]["lookahead"]
+    a, _ = run(no_la, str(tmp_path / "a"), stop_at=trainer.timeline.epoch_starts[1])
+    b, _ = run(no_la, str(tmp_path / "b"))
+    assert torch.equal(a.parts.model.whiten.bias, b.parts.model.whiten.bias)
+
+
+# -- the model -------------------------------------------------------------------------------------
+
+
+def test_batchnorm_settings_dirac_floor_pooling_and_logit_scale():
+    cfg = ModelConfig(arch="fastnet", widths=[8, 16, 16], dirac=True, pool_ceil=False, bn_momentum=0.4, bn_eps=1e-12)
+    torch.manual_seed(0)
+    model = build_model(cfg, 4).eval()
+    assert all(m.momentum == 0.4 and m.eps == 1e-12 for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+    x = torch.randn(2, 8, 6, 6)
+    full = convs[2]  # 8 -> 8: every filter is the identity
+    assert torch.equal(full(x), x)
+    partial = convs[0]  # 3 -> 4 (the stem): the first 3 filters pass their channel, the 4th is random
+    y = torch.randn(2, 3, 6, 6)
+    assert torch.equal(partial(y)[:, :3], y) and not torch.equal(partial(y)[:, 3], torch.zeros(2, 6, 6))
+    pools = [m for m in model.features if isinstance(m, nn.MaxPool2d)]
+    assert not any(p.ceil_mode for p in pools)
+    feats = model.features(torch.randn(1, 3, 31, 31))
+    assert feats.shape[-1] == 3  # 31 -> 15 -> 7 -> 3, airbench's sizes
+    torch.manual_seed(0)
+    scaled = build_model(ModelConfig(arch="fastnet", widths=[8, 16, 16], logit_scale=1 / 9), 4).eval()
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(arch="fastnet", widths=[8, 16, 16]), 4).eval()
+    z = torch.randn(3, 3, 16, 16)
+    assert torch.equal(scaled(z), plain(z) * (1 / 9))
+
+
+# -- lookahead -------------------------------------------------------------------------------------
+
+
+def test_lookahead_against_airbenchs_rule():
+    """Every ``every`` steps avg = d avg + (1 - d) w with d = decay (t / T) ** power, weights := avg;
+    at the last step weights := avg (the steps after the last pull-back are dropped)."""
+    net = nn.BatchNorm1d(3)
+    la = parts.Lookahead(net, every=5, decay=0.7737809375, power=3, total=12)
+    avg = {k: v.clone() for k, v in net.state_dict().items() if v.is_floating_point()}
+    expected = None
+    for t in range(1, 13):
+        with torch.no_grad():
+            net.weight.add_(0.1 * t)
+            net.running_mean.add_(1.0)
+        before = {k: v.clone() for k, v in net.state_dict().items() if v.is_floating_point()}
+        la.step(net, t)
+        if t % 5 == 0:
+            d = 0.7737809375 * (t / 12) ** 3
+            for k in avg:
+                avg[k] = d * avg[k] + (1 - d) * before[k]
+            expected = avg
+        elif t == 12:
+            expected = avg
+        else:
+            expected = before
+        for k, v in expected.items():
+            torch.testing.assert_close(net.state_dict()[k], v, rtol=1e-6, atol=1e-7)
+    assert torch.equal(net.weight, la.average["weight"])  # the run ends on the average of step 10
+
+
+def test_an_airbench_run_resumes_bit_for_bit(tmp_path):
+    """Lookahead's average, alternating flips (a global epoch's parity) and the group that stops
+    training after epoch 1 all carry across a kill mid-epoch."""
+    whole, final = run(AIRBENCH_TINY, str(tmp_path / "whole"))
+    assert final is not None and np.isfinite(final["val_loss"])
+    run(AIRBENCH_TINY, str(tmp_path / "resumed"), stop_at=4)  # mid-epoch 1
+    resumed, _ = run(AIRBENCH_TINY, str(tmp_path / "resumed"), resume=True)
+    assert_same_state(whole, resumed)
+    for k, v in whole.parts.lookahead.average.items():
+        assert torch.equal(v, resumed.parts.lookahead.average[k]), k
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+
+def test_alternating_flips_are_random_at_first_then_the_other_way_round():
+    idx = np.arange(4000)
+    e0, e1, e2, e5 = (data.augment.forced_flips("alternate", 7, e, idx) for e in (0, 1, 2, 5))
+    assert abs(e0.mean() - 0.5) < 0.03 and (e1 == ~e0).all() and (e2 == e0).all() and (e5 == ~e0).all()
+    assert not (data.augment.forced_flips("alternate", 8, 0, idx) == e0).all()  # the seed's coin
+    assert not data.augment.forced_flips("none", 7, 3, idx).any()
+    assert data.augment.forced_flips("random", 7, 3, idx) is None
+
+
+def test_memory_loader_translates_by_reflect_padding_and_flips_as_told():
+    source = data.load_source(DataConfig(source="synthetic", samples=64, val_samples=8, image_size=16))
+    images = source.train.images
+    for epoch in (0, 1):
+        sampler = EpochSampler(64, 64, seed=2, epoch=epoch)
+        reg = Regularization(flip="alternate", translate=2).over(DEFAULTS)
+        (x, _), = list(data.MemoryLoader(source, 16, sampler, 64, True, reg))
+        indices, keys = sampler.keyed()
+        flips = data.augment.forced_flips("alternate", 2, epoch, indices.numpy())
+        dy, dx, _ = data.crop_flip_draws(keys, 2)
+        assert 0 <= dy.min() and dy.max() <= 4 and len(set(dy.tolist())) == 5  # offsets -2 .. 2
+        for i in range(64):
+            src = images[indices[i]].float()
+            padded = nn.functional.pad(src[None], (2, 2, 2, 2), mode="reflect")[0]
+            want = padded[:, dy[i]: dy[i] + 16, dx[i]: dx[i] + 16]
+            assert torch.equal(x[i], want.flip(2) if flips[i] else want), i
+    reg0 = Regularization(flip="none", translate=0).over(DEFAULTS)
+    (x, _), = list(data.MemoryLoader(source, 16, EpochSampler(64, 64, seed=2, epoch=0), 64, True, reg0))
+    indices, _ = EpochSampler(64, 64, seed=2, epoch=0).keyed()
+    assert torch.equal(x, images[indices].float())  # neither moved nor flipped
+
+
+def test_image_folders_flip_alternately_too(tmp_path):
+    from helpers import image_folder
+
+    image_folder(tmp_path / "train", classes=2, per_class=4, size=(24, 24))
+    image_folder(tmp_path / "val", classes=2, per_class=1, size=(24, 24))
+    root = tmp_path
+    source = data.load_source(DataConfig(source="imagefolder", root=str(root), num_workers=0))
+    td = data.TrainData(source, DataConfig(source="imagefolder", root=str(root), num_workers=0), seed=1)
+    from cadence.plan import Stage
+
+    stage = Stage(epochs=2, resolution=16, batch_size=8)
+    reg = Regularization(flip="alternate", crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0)).over(DEFAULTS)
+    by_epoch = []
+    for epoch in (0, 1):
+        indices, _ = EpochSampler(8, 8, seed=1, epoch=epoch).keyed()
+        (x, _), = list(td.epoch(stage, epoch, 8, 0, reg))
+        by_epoch.append({int(i): img for i, img in zip(indices, x)})
+    td.close()
+    for i in range(8):  # the whole image each time: epoch 1 is epoch 0 mirrored
+        assert torch.equal(by_epoch[1][i], by_epoch[0][i].flip(2)), i
+
+
+# -- schedule and evaluation ----------------------------------------------------------------------
+
+
+def test_the_airbench_recipe_schedule_is_airbenchs_triangle():
+    """airbench94: 476 steps at batch 1024; LR factor 0.2 -> 1 over int(0.23 T) = 109 steps, then
+    linearly toward 0.07 at T, per step."""
+    recipe = load_recipe(f"{ROOT}/recipes/cifar10-airbench.yaml")
+    t = recipe.timeline(train_samples=50000)
+    assert len(t) == 476 and set(t.batch_size) == {1024}
+    peak = t.base_lr
+    for k in range(476):
+        f = 0.2 + 0.8 * k / 109 if k < 109 else 1 - 0.93 * (k - 109) / 367
+        assert t.lr[k] == pytest.approx(peak * f, rel=1e-9, abs=1e-12), k
+
+
+def test_six_view_tta_in_closed_form():
+    """A "model" whose logits are the top-left pixel: the six views' weights and shifts by hand."""
+    x = torch.arange(2 * 1 * 4 * 5, dtype=torch.float32).reshape(2, 1, 4, 5)
+    corner = lambda v: v[:, :, 0, :2].reshape(len(v), -1)  # noqa: E731 - two "logits": pixels (0,0), (0,1)
+    plain = corner(x)
+    mirrored = corner(x.flip(3))
+    # reflect by 1 then the top-left 4x5 window: row 0 is row 1, column 0 is column 1 (then 0, 1, ...)
+    down_right = torch.stack([x[:, 0, 1, 1], x[:, 0, 1, 0]], 1)
+    down_right_m = torch.stack([x[:, 0, 1, 3], x[:, 0, 1, 4]], 1)  # mirrored first: columns 4, 3, ... then padded
+    up_left = torch.stack([x[:, 0, 1, 1], x[:, 0, 1, 2]], 1)  # the window from (2, 2): row 1, columns 1, 2
+    up_left_m = torch.stack([x[:, 0, 1, 3], x[:, 0, 1, 2]], 1)
+    want = (plain + mirrored) / 4 + (down_right + down_right_m + up_left + up_left_m) / 8
+    torch.testing.assert_close(evaluate.views(corner, x, "flip-translate"), want)
+    torch.testing.assert_close(evaluate.views(corner, x, "flip"), (plain + mirrored) / 2)
+
+
+# -- recipes and bad input ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where, value, says", [
+    ("optimizer.groups.norm_scale", "{lr: 2}", "unknown key"),
+    ("optimizer.groups.norm_bias.lr", -1, "multiplier"),
+    ("optimizer.groups.norm_bias", "{frozen: true, epochs: 2}", "not both"),
+    ("optimizer.groups.whiten_bias.epochs", 0, "must be >= 1"),
+    ("model.bn_momentum", 0, "(0, 1]"),
+    ("model.bn_eps", 0, "(0, 1)"),
+    ("model.logit_scale", 0, "positive"),
+    ("train.lookahead.every", 0, ">= 1"),
+    ("train.lookahead.decay", 1.0, "[0, 1)"),
+    ("train.tta", "six", "flip-translate"),
+    ("regularization.flip", "sometimes", "alternate"),
+    ("regularization.translate", -1, "0 .. 64"),
+    ("stages.1.regularization.translate", 100, "0 .. 64"),
+])
+def test_bad_airbench_keys_exit_2_naming_file_field_and_value(tmp_path, capsys, where, value, says):
+    assert_plan_refuses(tmp_path, capsys, where, value, says)
+
+
+@pytest.mark.parametrize("change, field, says", [
+    ({"model": {"arch": "resnet18", "dirac": True}}, "model.dirac", "fastnet's"),
+    ({"model": {"arch": "resnet18", "pool_ceil": False}}, "model.pool_ceil", "fastnet's"),
+    ({"data": {"source": "digits"}, "regularization": {"flip": "alternate"}}, "flip", "never flipped"),
+    ({"data": {"source": "imagefolder", "root": "."}, "regularization": {"translate": 2}}, "translate",
+     "in-memory"),
+])
+def test_keys_the_model_or_source_cannot_apply_are_refused(change, field, says):
+    from cadence.errors import FieldError
+
+    raw = {**TINY, **change, "model": {**TINY["model"], **change.get("model", {})}}
+    with pytest.raises(FieldError, match=says) as e:
+        parts.build_setup(recipe_from_dict(raw))
+    assert field in str(e.value)
+
+
+def test_the_airbench_recipe_plans_and_names_its_keys(capsys):
+    from cadence.cli import main as cadence_main
+
+    assert cadence_main(["plan", f"{ROOT}/recipes/cifar10-airbench.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "476" in out and "flip alternate" in out
+    recipe = load_recipe(f"{ROOT}/recipes/cifar10-airbench.yaml")
+    assert recipe.optimizer.groups.norm_bias.lr == 64 and recipe.train.lookahead is not None
+    assert math.isclose(recipe.optimizer.lr * recipe.optimizer.groups.norm_bias.weight_decay * 64,
+                        recipe.optimizer.lr * recipe.optimizer.weight_decay, rel_tol=1e-3)  # airbench's lr x wd
+    assert recipe.train.tta == "flip-translate" and recipe.model.logit_scale == pytest.approx(1 / 9)
