@@ -59,7 +59,7 @@ def run(raw: dict, run_dir: str, stop_at: int | None = None, resume: bool = Fals
 
 
 def train_rows(run_dir: str) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("time", "wall")} for r in rundir.read_metrics(run_dir)]
+    return [{k: v for k, v in r.items() if k not in ("time", "cpu", "wall")} for r in rundir.read_metrics(run_dir)]
 
 
 def assert_same_state(a: train.Trainer, b: train.Trainer) -> None:

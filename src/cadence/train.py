@@ -74,6 +74,7 @@ class Trainer:
         self.saved_step: int | None = None  # step of the last checkpoint written or loaded
         self.log_from: int | None = None  # resumed: metrics.jsonl keeps the rows before this (saved) step
         self.elapsed = 0.0  # training wall time over all sessions (s)
+        self.cpu = 0.0  # the process's CPU time (all threads) over the same spans (s)
         self._wall_start, self._wall_before = time.perf_counter(), 0.0  # everything, evaluation included
         self.evals: list[dict] = []
 
@@ -109,7 +110,7 @@ class Trainer:
             "scheduler": p.scheduler.state_dict(), "scaler": p.scaler.state_dict(),
             "step": self.step, "stage": t.stage[at], "epoch": t.epoch[at],
             "batch_in_epoch": self.step - t.epoch_starts[t.epoch[at]] if self.step < len(t) else 0,
-            "rng": checkpoint.rng_state(), "recipe": self.recipe.raw, "elapsed": self.elapsed, "wall": self.wall(),
+            "rng": checkpoint.rng_state(), "recipe": self.recipe.raw, "elapsed": self.elapsed, "cpu": self.cpu, "wall": self.wall(),
             "evals": self.evals, "skipped": self.guard.skipped,
             "ema": p.ema.state_dict() if p.ema is not None else None,
             "lookahead": p.lookahead.state_dict() if p.lookahead is not None else None,
@@ -130,6 +131,7 @@ class Trainer:
             p.scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         self.step, self.elapsed, self.evals = state["step"], state["elapsed"], state["evals"]
+        self.cpu = state.get("cpu", 0.0)
         self._wall_before, self._wall_start = state.get("wall", state["elapsed"]), time.perf_counter()
         self.guard.skipped = state.get("skipped", 0)
         self._saved(self.step)
@@ -249,7 +251,7 @@ class Trainer:
         stage = r.stages[k]
         first, last = t.epoch_starts[e], t.epoch_starts[e + 1]
         bar.set_description(f"stage {k} epoch {e} {stage.resolution}px")
-        tick, images = time.perf_counter(), 0
+        tick, images = self._tick(), 0
         for x, y in self.loader(k, e, skip_batches=self.step - first):
             s = self.step
             lr, momentum = p.optimizer.param_groups[0]["lr"], get_momentum(p.optimizer)
@@ -264,23 +266,23 @@ class Trainer:
             self.step += 1
             images += len(y)
             if logged:
-                now = time.perf_counter()
-                self.elapsed += now - tick
+                now = self._tick()
+                self._count(tick, now)
                 self.guard.check_deferred()
                 loss_value = distributed.mean_over_ranks(loss).item()
                 log.write({"step": s, "stage": k, "epoch": e, "lr": lr, "momentum": momentum,
                            "loss": loss_value, "samples_seen": t.samples_seen[s], "time": round(self.elapsed, 3),
-                           "resolution": stage.resolution, **self._skip_count(),
+                           "cpu": round(self.cpu, 3), "resolution": stage.resolution, **self._skip_count(),
                            **({"grad_norm": self.grad_norm.item()} if self.grad_norm is not None else {}),
                            **({"bad_images": self.bad.count} if self.bad.count else {})})
                 bar.set_postfix(lr=f"{lr:.3g}", loss=f"{loss_value:.3f}",
-                                img_s=f"{images / max(now - tick, 1e-9):.0f}", refresh=False)
+                                img_s=f"{images / max(now[0] - tick[0], 1e-9):.0f}", refresh=False)
                 tick, images = now, 0
             bar.update(1)
             if isinstance(r.train.eval_every, int) and self.step % r.train.eval_every == 0:
-                self.elapsed += time.perf_counter() - tick  # evaluation is not training time
+                self._count(tick, self._tick())  # evaluation is not training time
                 self._eval(log)
-                tick, images = time.perf_counter(), 0
+                tick, images = self._tick(), 0
             if r.train.checkpoint_every and self.step % r.train.checkpoint_every == 0 and self.step < last:
                 self.save()
             if (self.step >= end or self.signals.received is not None) and self.step < last:
@@ -293,10 +295,20 @@ class Trainer:
         every = r.train.keep_every
         self.save(*([self.run.epoch_checkpoint(e + 1)] if every and (e + 1) % every == 0 else []))
 
+    @staticmethod
+    def _tick() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
+    def _count(self, since: tuple[float, float], now: tuple[float, float]) -> None:
+        """Add the wall and CPU time between two ticks to the training time."""
+        self.elapsed += now[0] - since[0]
+        self.cpu += now[1] - since[1]
+
     def _eval(self, log: MetricsLog) -> dict:
         t, at = self.timeline, self.step - 1
         result = {"step": self.step, "stage": t.stage[at], "epoch": t.epoch[at], "wall": round(self.wall(), 3),
-                  "samples_seen": t.samples_seen[at], "time": round(self.elapsed, 3), **self.evaluate(),
+                  "samples_seen": t.samples_seen[at], "time": round(self.elapsed, 3), "cpu": round(self.cpu, 3),
+                  **self.evaluate(),
                   **self._skip_count()}
         log.write(result)
         self.evals.append(result)
