@@ -1,0 +1,222 @@
+"""cadence against airbench94 on this CPU, side by side: each contender pinned to its own core with
+one thread, on the same CIFAR-10 JPEGs, for each seed.
+
+airbench's file is not part of cadence: give the path of ``legacy/airbench94.py`` in a checkout of the
+public KellerJordan/cifar10-airbench repository. It is ported at run time by a few textual edits,
+each checked to apply exactly once (written to ``OUT/airbench/airbench94_cpu.py``, never committed):
+
+- the data: ``cifar10/train.pt`` and ``test.pt`` in airbench's own cache format are written from the
+  JPEG folder (training images shuffled once, so the whitening's first 5,000 are not the first classes);
+- CUDA -> CPU: ``map_location`` and ``net.half().cuda()``; fp16 -> fp32 (``--precision bf16``: the
+  run under bf16 autocast instead); the CUDA event timers -> process CPU time (``time.process_time``);
+- one run with ``torch.manual_seed(seed)`` instead of 25 unseeded ones;
+- the per-epoch evaluation (untimed in airbench, as in cadence) is dropped; with ``--curve`` it uses
+  airbench's own TTA instead of none, as cadence's evaluations do, so both contenders' accuracy over
+  CPU time is measured alike (the "to reach the other's accuracy" column). Each epoch prints one JSON
+  line. Evaluations cost: six views of 10,000 images are about a third of a training epoch here.
+
+CPU seconds are training time as each program counts it, in process CPU time, evaluation excluded:
+airbench's timers (whitening and epochs; its own total also counts the final TTA evaluation, which is
+taken out and printed apart) and cadence's ``cpu`` column of metrics.jsonl (epochs; its whitening, a
+second or so, happens before training and is not counted). Whole-process CPU seconds (startup, data
+loading, every evaluation) are printed too, from the kernel's accounting.
+
+    python benchmarks/vs_airbench.py --airbench ~/cifar10-airbench/legacy/airbench94.py \\
+        --data /data/cifar10 --recipe recipes/cifar10-airbench.yaml --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+MARK = "VS-AIRBENCH "
+
+PRELUDE = '''import time as _time
+
+
+class _CpuTimer:  # stands in for torch.cuda.Event(enable_timing=True): process CPU time, in ms
+    def record(self):
+        self.t = _time.process_time()
+
+    def elapsed_time(self, end):
+        return 1e3 * (end.t - self.t)
+
+
+'''
+
+# (what the port does, text in airbench94.py, its replacement): each must match exactly once
+EDITS = [
+    ("load the data on the CPU", "data = torch.load(data_path, map_location=torch.device(gpu))",
+     "data = torch.load(data_path, map_location='cpu')"),
+    ("fp32 images", "self.images = (self.images.half() / 255)", "self.images = (self.images.float() / 255)"),
+    ("fp32 weights on the CPU", "net = net.half().cuda()", "net = net.float()"),
+    ("CPU timers", "starter = torch.cuda.Event(enable_timing=True)", "starter = _CpuTimer()"),
+    ("CPU timers", "ender = torch.cuda.Event(enable_timing=True)", "ender = _CpuTimer()"),
+    ("per-epoch evaluation: with airbench's TTA, one JSON line per epoch (--curve), or none",
+     "val_acc = evaluate(model, test_loader, tta_level=0)",
+     "val_acc = evaluate(model, test_loader, tta_level=hyp['net']['tta_level']) if os.environ.get('CURVE') == '1'"
+     " else None\n"
+     "        print(%r + __import__('json').dumps({'epoch': epoch, 'cpu': total_time_seconds, 'acc': val_acc}),"
+     " flush=True)" % MARK),
+    ("one seeded run", "accs = torch.tensor([main(run) for run in range(25)])",
+     "torch.manual_seed(int(os.environ['SEED']))\n"
+     "    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=os.environ.get('BF16') == '1'):\n"
+     "        accs = torch.tensor([main(0)])\n"
+     "    print(%r + __import__('json').dumps({'final': accs[0].item()}), flush=True)" % MARK),
+]
+FINAL_TIME = ("the final time", "print_training_details(locals(), is_final_entry=True)",
+              "print_training_details(locals(), is_final_entry=True)\n"
+              "    print(%r + __import__('json').dumps({'total_cpu': total_time_seconds,"
+              " 'tta_cpu': 1e-3 * starter.elapsed_time(ender)}), flush=True)" % MARK)
+
+
+def port(text: str) -> str:
+    """airbench94.py -> a CPU script (see the module's docstring). Exits 2 naming an edit that does not
+    apply exactly once (a different version of airbench94.py)."""
+    for what, old, new in EDITS + [FINAL_TIME]:
+        n = text.count(old)
+        if n != 1:
+            sys.exit(f"vs_airbench: {what}: expected one {old!r} in airbench94.py, found {n} "
+                     "(the port knows legacy/airbench94.py of KellerJordan/cifar10-airbench at f1c599c)")
+        text = text.replace(old, new)
+    text = text.replace("torch.cuda.synchronize()", "pass")
+    return PRELUDE + text
+
+
+def write_airbench_data(data_root: str, out: str) -> None:
+    """CIFAR-10 JPEGs -> airbench's cache files (HWC uint8 images, int64 labels, class names)."""
+    import torch
+
+    from cadence import data
+    from cadence.recipe import DataConfig
+
+    os.makedirs(out, exist_ok=True)
+    source = data.load_source(DataConfig(source="cifar10", root=data_root))
+    classes = sorted(os.listdir(os.path.join(data_root, "train")))
+    for name, split, shuffle in (("train.pt", source.train, True), ("test.pt", source.val, False)):
+        images, labels = split.images, torch.as_tensor(split.labels)
+        if shuffle:  # one fixed permutation: ImageFolder order is by class
+            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(12345))
+            images, labels = images[order], labels[order]
+        torch.save({"images": images.permute(0, 2, 3, 1).contiguous(), "labels": labels.long(), "classes": classes},
+                   os.path.join(out, name))
+
+
+def launch(cmd: list[str], core: int, log: str, env: dict, cwd: str | None = None) -> subprocess.Popen:
+    env = {**os.environ, **env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.Popen(["taskset", "-c", str(core)] + cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            env=env, cwd=cwd)
+
+
+def wait_all(procs: dict[str, subprocess.Popen]) -> dict[str, float]:
+    """Wait for every process; its whole CPU seconds (user + system) from the kernel. One that fails
+    stops the others (the pair is no comparison any more)."""
+    cpu, left = {}, {p.pid: name for name, p in procs.items()}
+    while left:
+        pid, status, usage = os.wait4(-1, 0)
+        if pid in left:
+            name = left.pop(pid)
+            procs[name].returncode = os.waitstatus_to_exitcode(status)
+            cpu[name] = usage.ru_utime + usage.ru_stime
+            if procs[name].returncode:
+                for other in left.values():
+                    procs[other].terminate()
+    return cpu
+
+
+def airbench_result(log: str) -> dict:
+    rows = [json.loads(line[len(MARK):]) for line in open(log) if line.startswith(MARK)]
+    curve = [(r["cpu"], r["acc"]) for r in rows if "epoch" in r and r["acc"] is not None]
+    final = next(r["final"] for r in rows if "final" in r)
+    times = next(r for r in rows if "total_cpu" in r)
+    train = times["total_cpu"] - times["tta_cpu"]  # its own total counts the final evaluation: taken out
+    return {"acc": final, "cpu": train, "own_total": times["total_cpu"], "curve": curve + [(train, final)]}
+
+
+def cadence_result(run_dir: str) -> dict:
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    evals = [r for r in rows if "val_top1" in r]
+    return {"acc": evals[-1]["val_top1"], "cpu": evals[-1]["cpu"], "curve": [(r["cpu"], r["val_top1"]) for r in evals]}
+
+
+def reach(curve: list[tuple[float, float]], target: float) -> float | None:
+    """CPU seconds at the first evaluation at or above ``target`` (None: never)."""
+    return next((cpu for cpu, acc in curve if acc >= target), None)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--airbench", required=True, help="path of legacy/airbench94.py in a cifar10-airbench checkout")
+    p.add_argument("--data", required=True, help="CIFAR-10 as JPEG folders: train/<class>/*.jpg, test/<class>/*.jpg")
+    p.add_argument("--recipe", default=os.path.join(ROOT, "recipes", "cifar10-airbench.yaml"))
+    p.add_argument("--set", dest="sets", action="append", default=[], help="cadence recipe overrides")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--cores", type=int, nargs=2, default=[0, 1], help="the two cores (swapped every seed)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="both contenders")
+    p.add_argument("--curve", action="store_true", help="evaluate both (with TTA, untimed) after every epoch")
+    p.add_argument("--out", default="vs-airbench")
+    a = p.parse_args()
+    out = os.path.abspath(a.out)
+    bench = os.path.join(out, "airbench")
+    os.makedirs(bench, exist_ok=True)
+    with open(a.airbench) as f:
+        script = port(f.read())
+    with open(os.path.join(bench, "airbench94_cpu.py"), "w") as f:
+        f.write(script)
+    if not os.path.exists(os.path.join(bench, "cifar10", "test.pt")):
+        write_airbench_data(a.data, os.path.join(bench, "cifar10"))
+    results = []
+    for i, seed in enumerate(a.seeds):
+        cores = a.cores if i % 2 == 0 else a.cores[::-1]
+        run_dir = os.path.join(out, f"cadence-seed{seed}")
+        cadence_cmd = [sys.executable, "-m", "cadence", "train", a.recipe, "--out", run_dir, "--set", f"seed={seed}",
+                       "--set", f"data.root={a.data}", "--set", f"train.precision={a.precision}", "--quiet",
+                       "--set", f"train.eval_every={'epoch' if a.curve else 'end'}"]
+        for s in a.sets:
+            cadence_cmd += ["--set", s]
+        started = time.time()
+        procs = {"airbench": launch([sys.executable, "airbench94_cpu.py"], cores[0],
+                                    os.path.join(out, f"airbench-seed{seed}.log"),
+                                    {"SEED": str(seed), "BF16": str(int(a.precision == "bf16")), "CURVE": str(int(a.curve))},
+                                    cwd=bench),
+                 "cadence": launch(cadence_cmd, cores[1], os.path.join(out, f"cadence-seed{seed}.log"), {})}
+        whole = wait_all(procs)
+        for name, proc in procs.items():
+            if proc.returncode:
+                sys.exit(f"vs_airbench: {name} (seed {seed}) exited {proc.returncode}: see {out}/{name}-seed{seed}.log")
+        r = {"seed": seed, "wall": time.time() - started, "airbench": airbench_result(os.path.join(out, f"airbench-seed{seed}.log")),
+             "cadence": cadence_result(run_dir)}
+        for name in ("airbench", "cadence"):
+            r[name]["process_cpu"] = whole[name]
+        other = {"airbench": "cadence", "cadence": "airbench"}
+        for name in ("airbench", "cadence"):
+            r[name]["to_reach_other"] = reach(r[name]["curve"], r[other[name]]["acc"]) if a.curve else None
+        results.append(r)
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"seed {seed} (airbench on core {cores[0]}, cadence on core {cores[1]}):", flush=True)
+        for name in ("airbench", "cadence"):
+            x = r[name]
+            t = x["to_reach_other"]
+            print(f"  {name:8s} top-1 {100 * x['acc']:.2f}%  training CPU {x['cpu']:.0f} s  "
+                  f"(process {x['process_cpu']:.0f} s)  to reach {other[name]}'s {100 * r[other[name]]['acc']:.2f}%: "
+                  + (f"{t:.0f} s" if t is not None else "not reached" if a.curve else "(--curve)"), flush=True)
+    if len(results) > 1:
+        print(f"over {len(results)} seeds (mean +- sd):")
+        for name in ("airbench", "cadence"):
+            accs = [100 * r[name]["acc"] for r in results]
+            cpus = [r[name]["cpu"] for r in results]
+            print(f"  {name:8s} top-1 {statistics.mean(accs):.2f} +- {statistics.stdev(accs):.2f}%  "
+                  f"training CPU {statistics.mean(cpus):.0f} +- {statistics.stdev(cpus):.0f} s")
+
+
+if __name__ == "__main__":
+    main()
