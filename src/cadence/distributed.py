@@ -45,8 +45,35 @@ def init(device: torch.device) -> tuple[Dist, torch.device]:
         device = torch.device("cuda", d.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        store = _restart_scoped_store(d)
+        if store is None:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=store, rank=d.rank, world_size=d.world)
     return d, device
+
+
+def _restart_scoped_store(d: Dist) -> dist.Store | None:
+    """The store for the process group of a (possibly restarted) single-agent torchrun, in a namespace
+    of its own per restart; None: let ``init_process_group`` find the store from the environment.
+
+    torchrun's agent hosts the store its workers meet in (``TORCHELASTIC_USE_AGENT_STORE``) and keeps
+    the same server, at the same ``MASTER_PORT``, for every restart of ``--max-restarts``; torch's
+    ``env://`` rendezvous adds no per-attempt prefix, so a restarted worker can read the address a
+    killed worker of the previous attempt left under the same key (gloo's ``default_pg/0//cpu//0/R``)
+    and wait on a dead peer in ``ProcessGroupGloo`` creation until the timeout (pytorch#135712).
+    ``TORCHELASTIC_RESTART_COUNT`` tells the attempts apart -- but only under one agent: agents on
+    several nodes count their restarts apart, and there the environment's own store is used."""
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or env.get("GROUP_WORLD_SIZE") != "1" \
+            or "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+        return None
+    from torch.distributed.constants import default_pg_timeout
+
+    server = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), d.world, is_master=False,
+                           timeout=default_pg_timeout)
+    return dist.PrefixStore(f"cadence/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", server)
 
 
 def shutdown() -> None:
