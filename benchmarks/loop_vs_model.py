@@ -3,8 +3,9 @@
 For each stage resolution of a recipe, alternating rounds of (a) ``train_step`` on one fixed
 in-memory batch (model-only throughput) and (b) the real loop -- next batch from cadence's
 loader (with the stage's per-image policy), normalise, mix (the stage's mixup/cutmix), ``train_step``
--- on the same Trainer. Prints images/s of both and the ratio
-(target: loop >= 0.95 x model-only).
+-- on the same Trainer. In-memory sources run the loop twice: as training does (the next batch made
+by a background thread during the step: "ahead") and with each batch made in the step ("in step").
+Prints images/s and the ratio to model-only (target: loop >= 0.95 x model-only).
 
     python benchmarks/loop_vs_model.py recipes/cifar10-progressive.yaml --set data.root=/path/to/cifar10
     python benchmarks/loop_vs_model.py recipes/cifar10-progressive.yaml --set data.root=/path/to/cifar10 \
@@ -35,23 +36,34 @@ def main() -> None:
     trainer = train.Trainer(setup, run_dir="")
     t = trainer.timeline
     for k, stage in enumerate(recipe.stages):
-        loader = iter(trainer.loader(k, t.epoch[t.stage_starts[k]]))
-        x0, y0 = next(loader)
+        epoch = t.epoch[t.stage_starts[k]]
+        loops = {"ahead": endless(lambda: iter(trainer.loader(k, epoch)))}  # as training runs
+        if hasattr(trainer.loader(k, epoch), "_batches"):  # in memory: also made in the step, for comparison
+            loops["in step"] = endless(lambda: trainer.loader(k, epoch)._batches())
+        x0, y0 = next(loops["ahead"])
         fixed = trainer.parts.normalize(x0), y0
         trainer.train_step(*fixed)  # warm-up at this size
-        model_rates, loop_rates = [], []
+        rates: dict[str, list[float]] = {"model": [], **{name: [] for name in loops}}
         for _ in range(a.rounds):
-            model_rates.append(fixed_batch_rate(trainer, k, fixed, a.steps))
-            trainer.parts.scheduler.last_epoch = t.stage_starts[k]
-            start, n = time.perf_counter(), 0
-            for i in range(a.steps):
-                x, y = next(loader)
-                trainer.train_step(*trainer.mixers[k](trainer.parts.normalize(x), y, t.stage_starts[k] + i))
-                n += len(y)
-            loop_rates.append(n / (time.perf_counter() - start))
-        m, lo = statistics.median(model_rates), statistics.median(loop_rates)
-        print(f"stage {k} ({stage.resolution}px, batch {stage.batch_size}): model only {m:.0f} img/s, "
-              f"training loop {lo:.0f} img/s, ratio {lo / m:.3f}", flush=True)
+            rates["model"].append(fixed_batch_rate(trainer, k, fixed, a.steps))
+            for name, loader in loops.items():
+                trainer.parts.scheduler.last_epoch = t.stage_starts[k]
+                start, n = time.perf_counter(), 0
+                for i in range(a.steps):
+                    x, y = next(loader)
+                    trainer.train_step(*trainer.mixers[k](trainer.parts.normalize(x), y, t.stage_starts[k] + i))
+                    n += len(y)
+                rates[name].append(n / (time.perf_counter() - start))
+        m = statistics.median(rates["model"])
+        loop = ", ".join(f"loop ({name}) {statistics.median(rates[name]):.0f} img/s = "
+                         f"{statistics.median(rates[name]) / m:.3f}" for name in loops)
+        print(f"stage {k} ({stage.resolution}px, batch {stage.batch_size}): model only {m:.0f} img/s, {loop}",
+              flush=True)
+
+def endless(make):
+    """The batches of ``make()``, started again whenever they run out."""
+    while True:
+        yield from make()
 
 
 if __name__ == "__main__":

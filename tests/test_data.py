@@ -407,3 +407,32 @@ def test_prepare_writes_a_bounded_copy_resumes_and_trains_from_it(tmp_path, caps
     assert final["step"] == 2 * (18 // 8) and final["val_top1"] in [k / 18 for k in range(19)]  # 18 val images
     x, _ = next(iter(train.Trainer(setup, "").loader(0, 0)))
     assert x.shape == (8, 3, 16, 16)
+
+
+def test_batches_made_ahead_keep_their_order_raise_their_errors_and_stop_when_closed():
+    import threading
+
+    from cadence.data.loaders import ahead
+
+    assert list(ahead(iter(range(50)))) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("bad batch")
+
+    it = ahead(failing())
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="bad batch"):
+        next(it)
+    made = []
+
+    def endless():
+        while True:
+            made.append(len(made))
+            yield made[-1]
+
+    it = ahead(endless(), depth=2)
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    it.close()  # training stopped mid-epoch: the thread ends, having made at most depth + 1 more
+    assert not any(t.name == "cadence-augment" for t in threading.enumerate())
+    assert len(made) <= 3 + 2 + 1

@@ -295,17 +295,22 @@ class ImagePolicy:
             for i, params in enumerate(d["jitter"]):
                 out[i] = type(self.jitter).transform(self.jitter, out[i], params)
         for ops, mags in zip(d.get("ops", np.empty((len(x), 0))).T, d.get("magnitudes", np.empty((len(x), 0))).T):
-            geometric = [i for i, name in enumerate(ops) if name in _GEOMETRIC]
-            if geometric:
-                at = torch.tensor(geometric)
-                out[at] = self._resample(out[at], [(ops[i], float(mags[i])) for i in geometric])
+            # the images sorted by what they drew: each group is then a slice (one gather, one scatter)
             groups: dict = {}
             for i, (name, mag) in enumerate(zip(ops, mags.tolist())):
-                if name != "Identity" and name not in _GEOMETRIC:
-                    groups.setdefault((name, mag), []).append(i)
-            for (name, mag), images in groups.items():
-                at = torch.tensor(images)
-                out[at] = self._op(out[at], name, mag)
+                if name != "Identity":
+                    groups.setdefault("geometric" if name in _GEOMETRIC else (name, mag), []).append(i)
+            if not groups:
+                continue
+            order = [i for images in groups.values() for i in images]
+            at = torch.tensor(order)
+            moved, start = out[at], 0
+            for group, images in groups.items():
+                part = slice(start, start + len(images))
+                start += len(images)
+                moved[part] = (self._resample(moved[part], [(ops[i], float(mags[i])) for i in images])
+                               if group == "geometric" else self._op(moved[part], *group))
+            out[at] = moved
         for i, box in enumerate(d.get("erase", ())):
             if box is not None:
                 out[i] = v2.functional.erase(out[i], **box)

@@ -4,7 +4,9 @@ image files through one persistent DataLoader) and the held-out batches."""
 from __future__ import annotations
 
 import atexit
+import queue
 import signal
+import threading
 import weakref
 
 import torch
@@ -37,6 +39,9 @@ class MemoryLoader:
         self.translate, self.flip = regularization.translate, regularization.flip
 
     def __iter__(self):
+        return ahead(self._batches())
+
+    def _batches(self):
         data_ = self.source.train
         indices, keys = self.sampler.keyed()
         flips = forced_flips(self.flip, self.sampler.seed, self.sampler.epoch, indices.numpy())
@@ -54,6 +59,47 @@ class MemoryLoader:
     def __len__(self) -> int:
         n = len(self.sampler)
         return n // self.local if self.drop_last else -(-n // self.local)
+
+
+def ahead(batches, depth: int = 1):
+    """Yield ``batches`` while a background thread makes the next ``depth`` of them: augmentation of
+    the next batch overlaps the training step (torch's operations release the GIL; on a GPU the CPU is
+    otherwise idle during the step). The order and contents are those of ``batches``; an exception in
+    the thread is raised here; closing the generator early stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work() -> None:
+        try:
+            for b in batches:
+                if not put(("batch", b)):
+                    return
+            put(("end", None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            put(("error", e))
+
+    thread = threading.Thread(target=work, name="cadence-augment", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join()
 
 
 # ---------------------------------------------------------------------------------------------
