@@ -267,6 +267,8 @@ def test_bad_airbench_keys_exit_2_naming_file_field_and_value(tmp_path, capsys, 
     ({"model": {"arch": "resnet18", "dirac": True}}, "model.dirac", "fastnet's"),
     ({"model": {"arch": "resnet18", "pool_ceil": False}}, "model.pool_ceil", "fastnet's"),
     ({"data": {"source": "digits"}, "regularization": {"flip": "alternate"}}, "flip", "never flipped"),
+    ({"optimizer": {**TINY["optimizer"], "groups": {"whiten_bias": {"epochs": 1}}}}, "whiten_bias",
+     "no whitening stem"),
     ({"data": {"source": "imagefolder", "root": "."}, "regularization": {"translate": 2}}, "translate",
      "in-memory"),
 ])

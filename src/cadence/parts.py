@@ -84,6 +84,9 @@ def build_setup(recipe: Recipe, recipe_file: str | None = None) -> Setup:
         if recipe.model.whiten and source.native_size is None:
             raise FieldError("model.whiten", True, "is set from in-memory images (cifar10, synthetic, digits), "
                              f"not from {recipe.data.source} files")
+        if recipe.optimizer.groups.whiten_bias is not None and not recipe.model.whiten:
+            raise FieldError("optimizer.groups.whiten_bias", "set", "but the model has no whitening stem "
+                             "(model.whiten: true, fastnet)")
         flipped = [(f"stages.{k}.regularization.flip", r.flip) for k, r in enumerate(recipe.stage_regularization())
                    if r.flip != "random"]
         if flipped and not source.flip:
