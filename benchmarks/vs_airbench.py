@@ -173,6 +173,8 @@ def main() -> None:
         f.write(script)
     if not os.path.exists(os.path.join(bench, "cifar10", "test.pt")):
         write_airbench_data(a.data, os.path.join(bench, "cifar10"))
+    saved = os.path.join(out, "results.json")  # seeds run earlier into the same --out are kept (a seed per session)
+    earlier = [r for r in json.load(open(saved)) if r["seed"] not in a.seeds] if os.path.exists(saved) else []
     results = []
     for i, seed in enumerate(a.seeds):
         cores = a.cores if i % 2 == 0 else a.cores[::-1]
@@ -200,8 +202,8 @@ def main() -> None:
         for name in ("airbench", "cadence"):
             r[name]["to_reach_other"] = reach(r[name]["curve"], r[other[name]]["acc"]) if a.curve else None
         results.append(r)
-        with open(os.path.join(out, "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        with open(saved, "w") as f:
+            json.dump(earlier + results, f, indent=1)
         print(f"seed {seed} (airbench on core {cores[0]}, cadence on core {cores[1]}):", flush=True)
         for name in ("airbench", "cadence"):
             x = r[name]
@@ -209,8 +211,9 @@ def main() -> None:
             print(f"  {name:8s} top-1 {100 * x['acc']:.2f}%  training CPU {x['cpu']:.0f} s  "
                   f"(process {x['process_cpu']:.0f} s)  to reach {other[name]}'s {100 * r[other[name]]['acc']:.2f}%: "
                   + (f"{t:.0f} s" if t is not None else "not reached" if a.curve else "(--curve)"), flush=True)
+    results = earlier + results
     if len(results) > 1:
-        print(f"over {len(results)} seeds (mean +- sd):")
+        print(f"over {len(results)} seeds {sorted(r['seed'] for r in results)} (mean +- sd):")
         for name in ("airbench", "cadence"):
             accs = [100 * r[name]["acc"] for r in results]
             cpus = [r[name]["cpu"] for r in results]
