@@ -87,13 +87,14 @@ def build_setup(recipe: Recipe, recipe_file: str | None = None) -> Setup:
         if recipe.optimizer.groups.whiten_bias is not None and not recipe.model.whiten:
             raise FieldError("optimizer.groups.whiten_bias", "set", "but the model has no whitening stem "
                              "(model.whiten: true, fastnet)")
-        flipped = [(f"stages.{k}.regularization.flip", r.flip) for k, r in enumerate(recipe.stage_regularization())
-                   if r.flip != "random"]
-        if flipped and not source.flip:
-            raise FieldError(*flipped[0], f"but {recipe.data.source} images are never flipped")
-        if recipe.train.tta != "none" and not source.flip:
-            raise FieldError("train.tta", recipe.train.tta, f"but {recipe.data.source} images are never flipped in "
-                             "training (mirrored digits are not digits)")
+        if not source.flip:
+            for k, r in enumerate(recipe.stage_regularization()):
+                if r.flip != "random":
+                    raise FieldError(f"stages.{k}.regularization.flip", r.flip,
+                                     f"but {recipe.data.source} images are never flipped")
+            if recipe.train.tta != "none":
+                raise FieldError("train.tta", recipe.train.tta, f"but {recipe.data.source} images are never "
+                                 "flipped in training (mirrored digits are not digits)")
         world = distributed.from_env().world
         timeline = recipe.timeline(train_samples=len(source.train), world_size=world)
     except FieldError as e:
@@ -180,14 +181,14 @@ class Parts:
         total = None
         if self.clip_grad_norm or norm:
             self.scaler.unscale_(self.optimizer)
-            grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
             if self.clip_grad_norm and self.clip_mode == "norm":
-                total = torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
-                                                       self.clip_grad_norm, foreach=True)
+                total = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm, foreach=True)
             else:
-                total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+                total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float())
+                                                              for p in params if p.grad is not None]))
                 if self.clip_grad_norm:
-                    adaptive_clip_([p for g in self.optimizer.param_groups for p in g["params"]], self.clip_grad_norm)
+                    adaptive_clip_(params, self.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.lookahead is not None:  # the scheduler's clock has not moved yet: this is step last_epoch + 1

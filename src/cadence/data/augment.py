@@ -151,7 +151,6 @@ def key_uniforms(keys, stream: int, n: int) -> np.ndarray:
     return uniforms_of(mix(np.asarray(keys, dtype=np.uint64), stream), n)
 
 
-_POLICIES = (v2.TrivialAugmentWide, v2.RandAugment, v2.AutoAugment)
 _GEOMETRIC = frozenset({"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"})  # nearest-neighbour resampling
 _JITTER, _OPS, _ERASE = 0x717, 0x0B5, 0xE7A  # the three draw streams of an image's key
 
@@ -172,9 +171,13 @@ class ImagePolicy:
     def __init__(self, reg: Regularization, mean: tuple[float, ...]):
         c = reg.color_jitter
         self.jitter = v2.ColorJitter(brightness=c, contrast=c, saturation=c) if c else None
-        self.policy = {"trivialaugment": v2.TrivialAugmentWide, "autoaugment": lambda: v2.AutoAugment(
-            v2.AutoAugmentPolicy.IMAGENET), "randaugment": lambda: v2.RandAugment(
-            num_ops=reg.num_ops, magnitude=reg.magnitude)}.get(reg.policy, lambda: None)()
+        self.policy = None
+        if reg.policy == "trivialaugment":
+            self.policy = v2.TrivialAugmentWide()
+        elif reg.policy == "randaugment":
+            self.policy = v2.RandAugment(num_ops=reg.num_ops, magnitude=reg.magnitude)
+        elif reg.policy == "autoaugment":
+            self.policy = v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)
         self.erasing = (v2.RandomErasing(reg.random_erasing, scale=reg.erasing_scale,
                                          value=[round(255 * m) for m in mean]) if reg.random_erasing else None)
         self._index_maps: dict = {}  # (op, magnitude, h, w) -> source pixel of each output pixel
