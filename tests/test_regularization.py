@@ -35,7 +35,7 @@ def _torchvision_chain(policy, image, d, i=0):
     """What torchvision's own transforms do with the draws ``d`` of image ``i``: ColorJitter's
     ``transform`` with its params, the policy's operations in turn, then ``erase``."""
     if policy.jitter is not None:
-        image = v2.ColorJitter(0.3, 0.3, 0.3).transform(image, d["jitter"][i])
+        image = v2.ColorJitter(0.3, 0.3, 0.3).transform(image, policy.jitter_params(d, i))
     for name, mag in zip(d.get("ops", [[]] * (i + 1))[i], d.get("magnitudes", [[]] * (i + 1))[i]):
         image = policy.policy._apply_image_or_video_transform(image, name, float(mag), interpolation="nearest",
                                                               fill={"others": None})
@@ -103,15 +103,33 @@ def test_image_folders_apply_the_policy_to_the_pil_crop_as_torchvisions_referenc
     {"policy": "trivialaugment"}, {"policy": "randaugment", "num_ops": 3, "magnitude": 14},
     {"policy": "autoaugment", "random_erasing": 0.5}, {"policy": "trivialaugment", "color_jitter": 0.4,
                                                        "random_erasing": 0.3, "erasing_scale": [0.1, 0.5]}])
-def test_a_batch_is_augmented_bit_for_bit_as_its_images_one_by_one(keys):
-    """The in-memory path runs each drawn operation once on every image that drew it; the result is
-    the per-image transform's, exactly."""
-    x = _images(96, 20, seed=8)
+@pytest.mark.parametrize("size", [20, 31])
+def test_a_batch_is_augmented_bit_for_bit_as_its_images_one_by_one(keys, size):
+    """The in-memory path runs each drawn operation once on every image that drew it, and the colour
+    blends once for all images with a factor each; the result is the per-image transform's, exactly
+    (31 px: rows with a vector tail; a third of the images grey, where a blend's rounding decides)."""
+    x = _images(96, size, seed=8)
+    x[::3] = x[::3, :1]
     policy = data.ImagePolicy(Regularization(**keys).over(DEFAULTS), (0.5, 0.4, 0.3))
     ks = mix(11, np.arange(96))
     one_by_one = torch.stack([policy(img, int(k)) for img, k in zip(x, ks)])
     assert torch.equal(policy.batch(x, ks), one_by_one)
     assert not torch.equal(one_by_one, x)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_colour_blends_of_a_batch_are_torchvisions_kernels_with_a_factor_per_image(channels):
+    fns = {"Brightness": v2.functional.adjust_brightness, "Color": v2.functional.adjust_saturation,
+           "Contrast": v2.functional.adjust_contrast, "Sharpness": v2.functional.adjust_sharpness}
+    for size in (3, 17, 32):
+        x = _images(64, size, seed=size)[:, :channels]
+        x[::4] = x[::4, :1]  # grey images: r = g = b
+        x[1::4, :, ::2] = 255  # saturated rows
+        factors = np.concatenate([[0.0, 1.0, 0.05, 1.95, 2.0], np.random.default_rng(size).uniform(0, 2.5, 59)])
+        for name, fn in fns.items():
+            ours = data.colour_batch(x, name, factors)
+            theirs = torch.stack([fn(img, float(f)) for img, f in zip(x, factors)])
+            assert ours.dtype == torch.uint8 and torch.equal(ours, theirs), (name, size)
 
 
 @pytest.mark.slow

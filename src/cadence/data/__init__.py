@@ -15,8 +15,8 @@ Images travel as uint8 tensors at the stage's resolution; normalisation happens 
 
 from __future__ import annotations
 
-from cadence.data.augment import (ImagePolicy, augment_batch, crop_flip_draws, crop_image, decode_crop, draw_box,
-                                  eval_transform, normalizer, resize_batch)
+from cadence.data.augment import (ImagePolicy, augment_batch, colour_batch, crop_flip_draws, crop_image, decode_crop,
+                                  draw_box, eval_transform, normalizer, resize_batch)
 from cadence.data.keys import EpochSampler, key, mix, uniforms, uniforms_of
 from cadence.data.loaders import CropDecode, FileLoader, MemoryLoader, TrainData, collate_good, eval_loader
 from cadence.data.sources import (BAD_IMAGE_ERRORS, PREPARED_MANIFEST, SHORT_SIDE_PER_PX, FileImages, Source,
@@ -27,7 +27,7 @@ __all__ = [
     "EpochSampler", "key", "mix", "uniforms", "uniforms_of",
     "BAD_IMAGE_ERRORS", "PREPARED_MANIFEST", "SHORT_SIDE_PER_PX", "FileImages", "Source", "TensorImages",
     "bad_reason", "image_folder_paths", "load_source", "pick_copy", "prepared_copies", "synthetic_images",
-    "ImagePolicy", "augment_batch", "crop_flip_draws", "crop_image", "decode_crop", "draw_box", "eval_transform",
+    "ImagePolicy", "augment_batch", "colour_batch", "crop_flip_draws", "crop_image", "decode_crop", "draw_box", "eval_transform",
     "normalizer", "resize_batch",
     "CropDecode", "FileLoader", "MemoryLoader", "TrainData", "collate_good", "eval_loader",
 ]

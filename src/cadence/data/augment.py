@@ -152,7 +152,57 @@ def key_uniforms(keys, stream: int, n: int) -> np.ndarray:
 
 
 _GEOMETRIC = frozenset({"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"})  # nearest-neighbour resampling
+_COLOUR = frozenset({"Brightness", "Color", "Contrast", "Sharpness"})  # blends: a factor per image in one call
+_JITTER_OPS = ("Brightness", "Contrast", "Color")  # ColorJitter's fn_idx 0, 1, 2 (3, hue, is never set here)
 _JITTER, _OPS, _ERASE = 0x717, 0x0B5, 0xE7A  # the three draw streams of an image's key
+
+
+def colour_batch(x: torch.Tensor, name: str, factors) -> torch.Tensor:
+    """torchvision.transforms.v2.functional's ``adjust_brightness`` / ``adjust_saturation`` ("Color") /
+    ``adjust_contrast`` / ``adjust_sharpness`` of uint8 images (n, C, H, W), image ``i`` with
+    ``factors[i]``, in one call instead of one per factor, bit for bit.
+
+    These kernels are per-element float32 arithmetic once the factor is a Python float: ``x * f`` and
+    ``base.add_(other, alpha=1 - f)``, which torch's CPU kernels compute as a fused multiply-add (one
+    rounding of base + other * alpha; the float64 product of two float32 is exact, so float64
+    arithmetic rounded once to float32 is that), then a clamp and the cast to uint8 (truncation). The
+    greyscale, mean and blur do not depend on the factor and are torchvision's own functions, batched.
+    The tests hold every image to torchvision's call on it with its factor (widths with and without a
+    vector tail, grey pixels included)."""
+    return _colour(x.float(), name, factors).to(torch.uint8)
+
+
+def _colour(x: torch.Tensor, name: str, factors) -> torch.Tensor:
+    """:func:`colour_batch` of float32 images holding uint8 values, to float32 holding uint8 values
+    (truncated in float: a chain of blends converts once)."""
+    f = np.asarray(factors, dtype=np.float64)
+    h, w = x.shape[-2:]
+    if (name == "Color" and x.shape[-3] == 1) or (name == "Sharpness" and (x.numel() == 0 or h <= 2 or w <= 2)):
+        return x
+    ratio = torch.from_numpy(f.astype(np.float32)).view(-1, 1, 1, 1)  # a Python float as a float32 kernel sees it
+    alpha = torch.from_numpy((1.0 - f).astype(np.float32)).double().view(-1, 1, 1, 1)
+
+    def fused(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:  # base.add_(other, alpha=1 - f)
+        return torch.addcmul(base.double(), other.double(), alpha).float()
+
+    if name == "Brightness":
+        out = x * ratio
+    elif name in ("Color", "Contrast"):
+        # torchvision's greyscale of uint8 RGB: its luma (the same float ops on these values), floored
+        grey = v2.functional.rgb_to_grayscale(x).floor_() if x.shape[-3] == 3 else x
+        if name == "Contrast":
+            grey = grey.mean(dim=(-3, -2, -1), keepdim=True)  # sums of integers: exact in any order
+        out = fused(x * ratio, grey)
+    elif name == "Sharpness":
+        a, b = 1.0 / 13.0, 5.0 / 13.0
+        kernel = torch.tensor([[a, a, a], [a, b, a], [a, a, a]]).expand(x.shape[-3], 1, 3, 3)
+        blurred = torch.nn.functional.conv2d(x, kernel, groups=x.shape[-3]).round_()
+        out = x.clone()
+        inner = out[..., 1:-1, 1:-1]
+        inner.copy_(fused(inner, blurred.sub_(inner)))
+    else:
+        raise ValueError(f"not a colour blend: {name}")
+    return out.clamp_(0, 255).trunc_()
 
 
 class ImagePolicy:
@@ -189,18 +239,16 @@ class ImagePolicy:
 
     def draw(self, keys, height: int, width: int) -> dict:
         """Every random choice for images of ``height`` x ``width`` with these keys, as arrays:
-        ``ops``/``magnitudes`` (N, slots) (an operation not applied is "Identity"), ``jitter`` (a
-        ColorJitter params dict per image), ``erase`` (an erasing params dict per image, or None)."""
+        ``ops``/``magnitudes`` (N, slots) (an operation not applied is "Identity"), ``jitter`` (``order``
+        (N, 4): ColorJitter's ``fn_idx``; ``factors`` (3, N): brightness, contrast, saturation), ``erase``
+        (an erasing params dict per image, or None)."""
         keys = np.asarray(keys, dtype=np.uint64)
-        n, out = len(keys), {}
+        out = {}
         if self.jitter is not None:
             u = key_uniforms(keys, _JITTER, 7)
-            order = np.argsort(u[:, :4], axis=1)  # a uniform permutation, as torch.randperm(4)
             lo_hi = [self.jitter.brightness, self.jitter.contrast, self.jitter.saturation]
-            f = [lo + (hi - lo) * u[:, 4 + j] for j, (lo, hi) in enumerate(lo_hi)]
-            out["jitter"] = [dict(fn_idx=order[i].tolist(), brightness_factor=float(f[0][i]),
-                                  contrast_factor=float(f[1][i]), saturation_factor=float(f[2][i]), hue_factor=None)
-                             for i in range(n)]
+            out["jitter"] = dict(order=np.argsort(u[:, :4], axis=1),  # a uniform permutation, as torch.randperm(4)
+                                 factors=np.stack([lo + (hi - lo) * u[:, 4 + j] for j, (lo, hi) in enumerate(lo_hi)]))
         if self.policy is not None:
             out["ops"], out["magnitudes"] = self._draw_policy(keys, height, width)
         if self.erasing is not None:
@@ -268,7 +316,7 @@ class ImagePolicy:
         h, w = (image.height, image.width) if isinstance(image, Image.Image) else image.shape[-2:]
         d = self.draw([key], h, w)
         if self.jitter is not None:
-            image = type(self.jitter).transform(self.jitter, image, d["jitter"][0])
+            image = type(self.jitter).transform(self.jitter, image, self.jitter_params(d, 0))
         for name, mag in zip(d.get("ops", [[]])[0], d.get("magnitudes", [[]])[0]):
             image = self._op(image, name, float(mag))
         if isinstance(image, Image.Image):
@@ -276,6 +324,13 @@ class ImagePolicy:
         if self.erasing is not None and d["erase"][0] is not None:
             image = v2.functional.erase(image, **d["erase"][0])
         return image
+
+    @staticmethod
+    def jitter_params(d: dict, i: int) -> dict:
+        """Image ``i``'s jitter draws as the params dict of ColorJitter's ``transform``."""
+        b, c, s = d["jitter"]["factors"][:, i].tolist()
+        return dict(fn_idx=d["jitter"]["order"][i].tolist(), brightness_factor=b, contrast_factor=c,
+                    saturation_factor=s, hue_factor=None)
 
     def _op(self, image, name: str, magnitude: float):
         t = self.policy
@@ -287,22 +342,31 @@ class ImagePolicy:
         for bit (the tests hold it), in a fraction of the time. The draws are vectorised; the
         geometric operations (shears, translations, rotations: nearest-neighbour resampling) of all
         images run as one gather through each drawn operation's map of source pixels (made once by
-        torchvision's own operation on an image of pixel indices); the other policy operations run
-        once on every image that drew the same (operation, magnitude); jitter and erasing, whose
-        parameters are continuous, image by image."""
+        torchvision's own operation on an image of pixel indices); the colour blends (the policy's
+        Brightness, Color, Contrast, Sharpness and the jitter's steps) once for all images that drew
+        them, with a factor each (:func:`colour_batch`); the other policy operations once on every
+        image that drew the same (operation, magnitude); erasing image by image."""
         if not self:
             return x
         d = self.draw(keys, *x.shape[-2:])
         out = x.clone()
-        if self.jitter is not None:
-            for i, params in enumerate(d["jitter"]):
-                out[i] = type(self.jitter).transform(self.jitter, out[i], params)
+        if self.jitter is not None:  # four rounds; in each, the images whose k-th jitter step is op
+            order, factors = d["jitter"]["order"], d["jitter"]["factors"]
+            image = out.float()
+            for k in range(4):
+                for fn, op in enumerate(_JITTER_OPS):
+                    images = np.flatnonzero(order[:, k] == fn)
+                    if len(images):
+                        at = torch.from_numpy(images)
+                        image.index_copy_(0, at, _colour(image.index_select(0, at), op, factors[fn, images]))
+            out = image.to(torch.uint8)
         for ops, mags in zip(d.get("ops", np.empty((len(x), 0))).T, d.get("magnitudes", np.empty((len(x), 0))).T):
             # the images sorted by what they drew: each group is then a slice (one gather, one scatter)
             groups: dict = {}
             for i, (name, mag) in enumerate(zip(ops, mags.tolist())):
                 if name != "Identity":
-                    groups.setdefault("geometric" if name in _GEOMETRIC else (name, mag), []).append(i)
+                    group = "geometric" if name in _GEOMETRIC else name if name in _COLOUR else (name, mag)
+                    groups.setdefault(group, []).append(i)
             if not groups:
                 continue
             order = [i for images in groups.values() for i in images]
@@ -311,8 +375,12 @@ class ImagePolicy:
             for group, images in groups.items():
                 part = slice(start, start + len(images))
                 start += len(images)
-                moved[part] = (self._resample(moved[part], [(ops[i], float(mags[i])) for i in images])
-                               if group == "geometric" else self._op(moved[part], *group))
+                if group == "geometric":
+                    moved[part] = self._resample(moved[part], [(ops[i], float(mags[i])) for i in images])
+                elif group in _COLOUR:
+                    moved[part] = colour_batch(moved[part], group, 1.0 + mags[images])  # torchvision's 1 + magnitude
+                else:
+                    moved[part] = self._op(moved[part], *group)
             out[at] = moved
         for i, box in enumerate(d.get("erase", ())):
             if box is not None:
@@ -322,12 +390,12 @@ class ImagePolicy:
     def _resample(self, x: torch.Tensor, ops: list[tuple[str, float]]) -> torch.Tensor:
         """Images (n, C, H, W) each through its own geometric operation, as one gather."""
         n, c, h, w = x.shape
-        maps = torch.stack([self._index_map(name, mag, h, w) for name, mag in ops])  # (n, H*W), -1 = outside
-        flat = x.reshape(n, c, h * w).gather(2, maps.clamp(min=0)[:, None, :].expand(n, c, h * w))
-        return flat.masked_fill_((maps < 0)[:, None, :], 0).reshape(n, c, h, w)  # outside: torchvision's fill
+        maps = torch.stack([self._index_map(name, mag, h, w) for name, mag in ops])  # (n, H*W)
+        padded = torch.cat([x.reshape(n, c, h * w), x.new_zeros(n, c, 1)], dim=2)  # pixel H*W: torchvision's fill
+        return padded.gather(2, maps[:, None, :].expand(n, c, h * w)).reshape(n, c, h, w)
 
     def _index_map(self, name: str, magnitude: float, h: int, w: int) -> torch.Tensor:
-        """Which source pixel (flat index, or -1 outside the image) each output pixel of ``name`` at
+        """Which source pixel (flat index, or H*W outside the image) each output pixel of ``name`` at
         ``magnitude`` takes: torchvision's operation run once on a float image of 1-based pixel indices
         (nearest-neighbour resampling copies values; outside the image it fills 0)."""
         k = (name, magnitude, h, w)
@@ -335,7 +403,8 @@ class ImagePolicy:
             assert v2.InterpolationMode(self.policy.interpolation) == v2.InterpolationMode.NEAREST
             assert self.policy.fill is None
             index = torch.arange(1, h * w + 1, dtype=torch.float32).reshape(1, 1, h, w)
-            self._index_maps[k] = self._op(index, name, magnitude).reshape(-1).round().long() - 1
+            source = self._op(index, name, magnitude).reshape(-1).round().long() - 1
+            self._index_maps[k] = source.masked_fill_(source < 0, h * w)
         return self._index_maps[k]
 
 
