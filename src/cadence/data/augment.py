@@ -50,10 +50,12 @@ def forced_flips(mode: str, seed: int, epoch: int, indices) -> np.ndarray | None
 def augment_batch(x: torch.Tensor, keys: np.ndarray, *, native: int, flip: bool, resolution: int,
                   pad: int | None = None, flips: np.ndarray | None = None) -> torch.Tensor:
     """Pad-crop (reflect, ``pad`` px: default native/8), optional horizontal flip and resize of a
-    uint8 batch (N, C, native, native), as one gather and one interpolation. Image ``i``'s crop and
-    flip come from ``keys[i]`` alone (or its flip from ``flips[i]``), so an image is augmented the
-    same way whichever batch or rank it lands in. Returns float32 in [0, 255]."""
-    n, pad = len(x), max(native // 8, 1) if pad is None else pad
+    uint8 batch (N, C, native, native), as two gathers (rows, then columns) and one interpolation.
+    Image ``i``'s crop and flip come from ``keys[i]`` alone (or its flip from ``flips[i]``), so an
+    image is augmented the same way whichever batch or rank it lands in. Returns uint8 (the
+    normaliser makes it float on the device: a quarter of the bytes to move)."""
+    n, c = x.shape[:2]
+    pad = max(native // 8, 1) if pad is None else pad
     dy, dx, fl = crop_flip_draws(keys, max(pad, 1))
     if pad == 0:
         dy, dx = torch.zeros_like(dy), torch.zeros_like(dx)
@@ -64,9 +66,9 @@ def augment_batch(x: torch.Tensor, keys: np.ndarray, *, native: int, flip: bool,
     cols = _reflect(dx[:, None] + ar - pad, native)
     if flip:
         cols = torch.where(fl[:, None], cols.flip(1), cols)
-    nhwc = x.permute(0, 2, 3, 1)
-    out = nhwc[torch.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]  # (n, H, W, C) uint8
-    return resize_batch(out.permute(0, 3, 1, 2), resolution)
+    out = x.gather(2, rows[:, None, :, None].expand(n, c, native, native))
+    out = out.gather(3, cols[:, None, None, :].expand(n, c, native, native))
+    return resize_batch(out, resolution, torch.uint8)
 
 
 def _reflect(i: torch.Tensor, size: int) -> torch.Tensor:
@@ -75,15 +77,15 @@ def _reflect(i: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(i >= size, 2 * (size - 1) - i, i)
 
 
-def resize_batch(x: torch.Tensor, resolution: int) -> torch.Tensor:
-    """Bilinear, antialiased resize of a batch to float32. uint8 input is resized as uint8 in
-    channels-last layout (torch's vectorised path, faster than float: benchmarks/), then converted."""
+def resize_batch(x: torch.Tensor, resolution: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Bilinear, antialiased resize of a batch, returned as ``dtype``. uint8 input is resized as uint8
+    in channels-last layout (torch's vectorised path, faster than float: benchmarks/)."""
     if x.shape[-1] != resolution or x.shape[-2] != resolution:
         if x.dtype == torch.uint8:
             x = x.contiguous(memory_format=torch.channels_last)
         x = nn.functional.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True,
                                       align_corners=False)
-    return x.float()
+    return x.to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +232,7 @@ class ImagePolicy:
             self.policy = v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)
         self.erasing = (v2.RandomErasing(reg.random_erasing, scale=reg.erasing_scale,
                                          value=[round(255 * m) for m in mean]) if reg.random_erasing else None)
-        self._index_maps: dict = {}  # (op, magnitude, h, w) -> source pixel of each output pixel
+        self._cache: dict = {}  # index maps by (op, magnitude, h, w); policy tables by ("tables", h, w)
 
     def __bool__(self) -> bool:
         return bool(self.jitter or self.policy or self.erasing)
@@ -259,30 +261,52 @@ class ImagePolicy:
         """TrivialAugmentWide: an operation, a magnitude bin, a sign. RandAugment: ``num_ops`` times an
         operation and a sign at the set magnitude. AutoAugment: a sub-policy, then each of its two steps
         with its probability and sign. Three uniforms per slot: (operation or probability, bin, sign)."""
-        t, n = self.policy, len(keys)
-        space = list(t._AUGMENTATION_SPACE)
+        t = self.policy
+        names, values, signed, sub = self._tables(height, width)
         auto = isinstance(t, v2.AutoAugment)
         slots = 2 if auto else t.num_ops if isinstance(t, v2.RandAugment) else 1
         u = key_uniforms(keys, _OPS, 1 + 3 * slots)
-        bins = 10 if auto else t.num_magnitude_bins
-        tables = {name: (fn(bins, height, width), signed) for name, (fn, signed) in t._AUGMENTATION_SPACE.items()}
-        chosen = [t._policies[c] for c in (u[:, 0] * len(t._policies)).astype(int)] if auto else None
-        ops, mags = np.full((n, slots), "Identity", dtype=object), np.zeros((n, slots))
+        if auto:
+            chosen = (u[:, 0] * len(t._policies)).astype(int)  # the sub-policy of each image
+        ops, mags = np.empty((len(keys), slots), dtype=np.int64), np.empty((len(keys), slots))
         for s in range(slots):
             pick, bin_u, sign_u = u[:, 1 + 3 * s], u[:, 2 + 3 * s], u[:, 3 + 3 * s]
-            for i in range(n):
-                if auto:
-                    name, p, b = chosen[i][s]
-                    if not pick[i] <= p:
-                        continue
-                else:
-                    name = space[int(pick[i] * len(space))]
-                    b = t.magnitude if isinstance(t, v2.RandAugment) else int(bin_u[i] * bins)
-                values, signed = tables[name]
-                if values is not None:
-                    mags[i, s] = -float(values[b]) if signed and sign_u[i] <= 0.5 else float(values[b])
-                ops[i, s] = name
-        return ops, mags
+            if auto:
+                op, p, b = sub[0][chosen, s], sub[1][chosen, s], sub[2][chosen, s]
+            else:
+                op = (pick * len(names)).astype(int)
+                b = (np.full(len(keys), t.magnitude) if isinstance(t, v2.RandAugment)
+                     else (bin_u * values.shape[1]).astype(int))
+            m = values[op, b]
+            mags[:, s] = np.where(signed[op] & (sign_u <= 0.5), -m, m)
+            ops[:, s] = op
+            if auto:  # a step not taken is the identity
+                ops[:, s] = np.where(pick <= p, op, len(names))
+                mags[:, s] = np.where(pick <= p, mags[:, s], 0.0)
+        return np.array(names + ["Identity"], dtype=object)[ops], mags
+
+    def _tables(self, height: int, width: int):
+        """The policy's operations (torchvision's order), their magnitude of each bin at this size
+        (0 where an operation has none), whether each is signed, and AutoAugment's sub-policies as
+        (operation, probability, bin) arrays (25, 2)."""
+        k = ("tables", height, width)
+        if k not in self._cache:
+            t = self.policy
+            auto = isinstance(t, v2.AutoAugment)
+            bins = 10 if auto else t.num_magnitude_bins
+            names = list(t._AUGMENTATION_SPACE)
+            values = np.zeros((len(names), bins))
+            for r, (fn, _) in enumerate(t._AUGMENTATION_SPACE.values()):
+                v = fn(bins, height, width)
+                if v is not None:
+                    values[r] = v.tolist()
+            signed = np.array([sg for _, sg in t._AUGMENTATION_SPACE.values()])
+            sub = None
+            if auto:
+                sub = tuple(np.array([[f(step) for step in policy] for policy in t._policies])
+                            for f in (lambda st: names.index(st[0]), lambda st: st[1], lambda st: st[2] or 0))
+            self._cache[k] = names, values, signed, sub
+        return self._cache[k]
 
     def _draw_erasing(self, keys: np.ndarray, height: int, width: int) -> list:
         """RandomErasing's rule: with probability p, up to 10 tries of (area fraction uniform in scale,
@@ -352,7 +376,7 @@ class ImagePolicy:
         out = x.clone()
         if self.jitter is not None:  # four rounds; in each, the images whose k-th jitter step is op
             order, factors = d["jitter"]["order"], d["jitter"]["factors"]
-            image = out.float()
+            image = x.float()
             for k in range(4):
                 for fn, op in enumerate(_JITTER_OPS):
                     images = np.flatnonzero(order[:, k] == fn)
@@ -371,7 +395,7 @@ class ImagePolicy:
                 continue
             order = [i for images in groups.values() for i in images]
             at = torch.tensor(order)
-            moved, start = out[at], 0
+            moved, start = out.index_select(0, at), 0
             for group, images in groups.items():
                 part = slice(start, start + len(images))
                 start += len(images)
@@ -381,10 +405,10 @@ class ImagePolicy:
                     moved[part] = colour_batch(moved[part], group, 1.0 + mags[images])  # torchvision's 1 + magnitude
                 else:
                     moved[part] = self._op(moved[part], *group)
-            out[at] = moved
+            out.index_copy_(0, at, moved)
         for i, box in enumerate(d.get("erase", ())):
-            if box is not None:
-                out[i] = v2.functional.erase(out[i], **box)
+            if box is not None:  # what torchvision's erase does, in place
+                out[i, :, box["i"]: box["i"] + box["h"], box["j"]: box["j"] + box["w"]] = box["v"]
         return out
 
     def _resample(self, x: torch.Tensor, ops: list[tuple[str, float]]) -> torch.Tensor:
@@ -399,13 +423,13 @@ class ImagePolicy:
         ``magnitude`` takes: torchvision's operation run once on a float image of 1-based pixel indices
         (nearest-neighbour resampling copies values; outside the image it fills 0)."""
         k = (name, magnitude, h, w)
-        if k not in self._index_maps:
+        if k not in self._cache:
             assert v2.InterpolationMode(self.policy.interpolation) == v2.InterpolationMode.NEAREST
             assert self.policy.fill is None
             index = torch.arange(1, h * w + 1, dtype=torch.float32).reshape(1, 1, h, w)
             source = self._op(index, name, magnitude).reshape(-1).round().long() - 1
-            self._index_maps[k] = source.masked_fill_(source < 0, h * w)
-        return self._index_maps[k]
+            self._cache[k] = source.masked_fill_(source < 0, h * w)
+        return self._cache[k]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,8 +52,8 @@ class MemoryLoader:
             x = augment_batch(data_.images[idx], keys[b: b + self.local], native=self.source.native_size,
                               flip=self.source.flip, resolution=self.resolution, pad=self.translate,
                               flips=None if flips is None else flips[b: b + self.local])
-            if self.policy:  # the crop's float pixels are whole numbers: back to uint8 exactly
-                x = self.policy.batch(x.to(torch.uint8), keys[b: b + self.local])
+            if self.policy:
+                x = self.policy.batch(x, keys[b: b + self.local])
             yield x, data_.labels[idx]
 
     def __len__(self) -> int:
