@@ -478,3 +478,59 @@ def test_plan_marks_an_ema_whose_horizon_reaches_back_before_the_final_lr_decay(
         assert cadence_main(["plan", path]) == 0
         line = capsys.readouterr().out.strip().splitlines()[-1]
         assert line.startswith("weight EMA: decay") and ("PAST the final LR decay" in line) == past, line
+
+
+# -- plans as arrays: memory per step, the budget, long plans drawn --------------------------------
+
+
+def test_a_plan_holds_a_few_bytes_per_step_and_its_columns_read_as_python_numbers():
+    """The columns are numpy arrays (not lists of Python objects); making a 200,000-step plan peaks
+    below ``BYTES_PER_STEP`` a step (tracemalloc sees numpy's buffers), which the budget counts on."""
+    import json
+    import tracemalloc
+
+    from cadence.schedules import OneCycle
+
+    stages = [Stage(epochs=2, resolution=16, batch_size=1), Stage(epochs=2, resolution=24, batch_size=2)]
+    tracemalloc.start()
+    t = make_timeline(stages, 66_667, OneCycle(), lr=0.1, momentum=0.9, progress="samples")
+    held, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(t) == 200_000 and held / len(t) < 60 and peak / len(t) <= plan.BYTES_PER_STEP
+    row = {"stage": t.stage[-1], "epoch": t.epoch[7], "samples_seen": t.samples_seen[-1], "lr": t.lr[3]}
+    assert json.loads(json.dumps(row)) == row and type(t.stage[0]) is int and type(t.lr[0]) is float
+    assert t.samples_seen[-1] == 2 * 66_667 + 2 * 66_666 and t.stage[:3] == [0, 0, 0] and len(t.lr[10:20]) == 10
+
+
+def test_a_plan_past_the_measured_memory_budget_is_refused_naming_the_field(tmp_path, capsys, monkeypatch):
+    """The cap on steps is half the memory available now at ``BYTES_PER_STEP`` a step, not a fixed count."""
+    assert plan.step_budget() * plan.BYTES_PER_STEP <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2
+    monkeypatch.setattr(plan, "step_budget", lambda: 250)  # GOOD: 100 + 100 + 25 + 25 steps
+    path = write_recipe(tmp_path, GOOD)
+    assert cadence_main(["plan", path]) == 0
+    capsys.readouterr()
+    assert cadence_main(["plan", path, "--set", "stages.1.epochs=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and path in err and "stages.1.epochs" in err and "275 steps" in err, err
+    assert "half the memory available now allows 250 steps" in err, err
+    assert cadence_main(["plan", path, "--set", "stages.0.batch_size=1", "--set", "stages.0.epochs=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "stages.0.batch_size" in err and "1,000 steps per epoch" in err, err
+
+
+def test_a_long_plan_is_drawn_through_its_envelope(tmp_path):
+    """Past ``PLOT_POINTS`` steps the picture draws each bucket's LR extremes and every stage's first
+    and last step: the LR's range and the stage changes are kept, the points are bounded."""
+    from cadence import report
+    from cadence.schedules import Cyclic
+
+    stages = [Stage(epochs=3, resolution=16, batch_size=2), Stage(epochs=3, resolution=24, batch_size=4)]
+    t = make_timeline(stages, 20_000, Cyclic(step_size_up=Duration(1337, "steps")), lr=0.1)
+    steps = report.plot_steps(t, limit=2_000)
+    lr = t.lr.array
+    assert len(t) == 45_000 and len(steps) <= 2_000 + 4 and (steps[1:] > steps[:-1]).all()
+    assert lr[steps].max() == lr.max() and lr[steps].min() == lr.min()
+    assert {0, 29_999, 30_000, 44_999} <= set(steps.tolist())
+    assert (report.plot_steps(t, limit=10 ** 6) == range(len(t))).all()
+    report.plot_plan(t, str(tmp_path / "plan.png"))
+    assert os.path.getsize(tmp_path / "plan.png") > 10_000

@@ -10,6 +10,7 @@ import math
 import os
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -21,12 +22,28 @@ from cadence.rundir import RunDir, read_metrics  # noqa: E402
 from cadence.smoothing import smooth  # noqa: E402
 
 STAGE_COLOR = "0.55"
+PLOT_POINTS = 20_000  # a longer plan is drawn through this many of its steps (each bucket's LR extremes)
+
+
+def plot_steps(t: Timeline, limit: int = PLOT_POINTS) -> np.ndarray:
+    """The steps a picture of ``t`` draws: all of them, or for a longer plan the first and last step
+    of each stage and, in ``limit / 2`` equal buckets of steps, the one with the lowest and the one with
+    the highest LR (momentum moves with it): the curve's envelope and every stage change survive."""
+    n = len(t)
+    if n <= limit:
+        return np.arange(n)
+    k = -(-n // (limit // 2))
+    lr = np.concatenate([t.lr.array, np.full(-n % k, np.nan)]).reshape(-1, k)
+    base = np.arange(0, n, k)
+    ends = np.array(t.stage_starts[:-1] + [s - 1 for s in t.stage_starts[1:]])
+    picks = [base + np.nanargmin(lr, axis=1), base + np.nanargmax(lr, axis=1), ends]
+    return np.unique(np.concatenate(picks))
 
 
 def _wide_range(values) -> bool:
     """More than two decades between the smallest positive value and the largest."""
-    positive = [v for v in values if v > 0]
-    return bool(positive) and max(positive) / min(positive) > 100
+    positive = np.asarray(values)[np.asarray(values) > 0]
+    return bool(len(positive)) and positive.max() / positive.min() > 100
 
 
 def _mark_stages(ax, bounds, labels=None, top=False) -> None:
@@ -41,34 +58,36 @@ def plot_plan(timeline: Timeline, path: str, title: str = "") -> None:
     """LR, momentum, resolution and batch size against optimizer steps (left) and epochs (right),
     with stage boundaries dashed and labelled."""
     t = timeline
-    steps = list(range(len(t)))
-    epochs = t.epoch_progress
+    steps = plot_steps(t)  # every step, or a long plan's envelope
+    epochs = t.epoch_progress.array[steps]
     starts = t.stage_starts[:-1]
     short = [f"S{k}" for k in range(len(starts))]
     labels = [f"S{k}: {t.resolution[a]}px, batch {t.batch_size[a]}" for k, a in enumerate(starts)]
-    rows = [("lr", t.lr, "LR")]
-    if _wide_range(t.lr):  # a log copy shows warmup starts and floors that the linear one flattens
-        rows.append(("lr_log", t.lr, "LR (log scale)"))
-    rows += [("momentum", t.momentum, "momentum / beta1"), ("resolution", t.resolution, "resolution (px)"),
-             ("batch", t.batch_size, "global batch (images)")]
+    lr = t.lr.array[steps]
+    rows = [("lr", lr, "LR")]
+    if _wide_range(lr):  # a log copy shows warmup starts and floors that the linear one flattens
+        rows.append(("lr_log", lr, "LR (log scale)"))
+    rows += [("momentum", t.momentum.array[steps], "momentum / beta1"),
+             ("resolution", t.resolution.array[steps], "resolution (px)"),
+             ("batch", t.batch_size.array[steps], "global batch (images)")]
     keys = regularization.set_keys(t.regularization)
     if keys:
         rows.append(("regularization", None, "regularization\n(share of its largest value)"))
     fig, axes = plt.subplots(len(rows), 2, figsize=(12, 2.1 * len(rows) + 1), sharex="col",
                              constrained_layout=True, squeeze=False)
     for r, (name, ys, ylabel) in enumerate(rows):
-        for c, (xs, bounds) in enumerate([(steps, starts), (epochs, [epochs[a] for a in starts])]):
+        for c, (xs, bounds) in enumerate([(steps, starts), (epochs, [t.epoch_progress[a] for a in starts])]):
             ax = axes[r][c]
             h = ema_horizon_start(t)
             if h is not None and name.startswith("lr"):
-                ax.axvspan(xs[h], xs[-1], color="C2", alpha=0.12, zorder=0,
+                ax.axvspan(t.epoch_progress[h] if c else h, xs[-1], color="C2", alpha=0.12, zorder=0,
                            label="half the final EMA's weight" + (" (past the LR decay)" if h < final_decay_start(t)
                                                                   else ""))
                 if r == 0:
                     ax.legend(loc="upper right", fontsize=7)
             step_like = name in ("resolution", "batch")
             if name == "regularization":
-                _plot_regularization(ax, t, keys, xs)
+                _plot_regularization(ax, t, keys, xs, steps)
             else:
                 (ax.step if step_like else ax.plot)(xs, ys, linewidth=1.4, **({"where": "post"} if step_like else {}))
             if name == "lr_log":
@@ -83,15 +102,14 @@ def plot_plan(timeline: Timeline, path: str, title: str = "") -> None:
     plt.close(fig)
 
 
-def _plot_regularization(ax, t: Timeline, keys: list[str], xs) -> None:
-    """Each regularization key the recipe sets, per step, as a share of its largest value over the
-    run (the legend gives the values; a policy is drawn as 0 or 1 and named)."""
+def _plot_regularization(ax, t: Timeline, keys: list[str], xs, steps: np.ndarray) -> None:
+    """Each regularization key the recipe sets, at each drawn step, as a share of its largest value
+    over the run (the legend gives the values; a policy is drawn as 0 or 1 and named)."""
     for i, name in enumerate(keys):
-        values = [getattr(t.regularization[k], name) for k in t.stage]
-        numbers = [regularization.numeric(name, v) for v in values]
-        top = max(numbers) or 1.0
+        per_stage = np.array([regularization.numeric(name, getattr(r, name)) for r in t.regularization], float)
+        top = per_stage.max() or 1.0
         shown = list(dict.fromkeys(regularization.describe(name, getattr(r, name)) for r in t.regularization))
-        ax.step(xs, [v / top for v in numbers], where="post", linewidth=1.4, color=f"C{i % 10}",
+        ax.step(xs, per_stage[t.stage.array[steps]] / top, where="post", linewidth=1.4, color=f"C{i % 10}",
                 label=f"{name}: {' / '.join(shown)}")
     ax.set_ylim(-0.05, 1.1)
     ax.legend(loc="lower right", fontsize=7, ncol=2)
@@ -280,10 +298,11 @@ def plot_plans_overlay(timelines: dict[str, Timeline], path: str) -> None:
             ("global batch", "batch_size")]
     fig, axes = plt.subplots(len(rows), 2, figsize=(12, 9), sharex="col", constrained_layout=True)
     for i, (name, t) in enumerate(timelines.items()):
-        seen = [s - b for s, b in zip(t.samples_seen, t.samples)]  # images seen before each step
+        steps = plot_steps(t)
+        seen = (t.samples_seen.array - t.samples.array)[steps]  # images seen before each step
         for r, (label, key) in enumerate(rows):
-            ys = getattr(t, key)
-            for c, xs in enumerate((t.epoch_progress, seen)):
+            ys = getattr(t, key).array[steps]
+            for c, xs in enumerate((t.epoch_progress.array[steps], seen)):
                 draw = axes[r][c].step if key in ("resolution", "batch_size") else axes[r][c].plot
                 draw(xs, ys, color=f"C{i}", linewidth=1.3, label=name if r == 0 and c == 0 else None,
                      **({"where": "post"} if key in ("resolution", "batch_size") else {}))
@@ -307,9 +326,10 @@ def plot_recipe_change(old: Timeline, done: int, new: Timeline, at: dict[str, in
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), constrained_layout=True)
     for c, (ax, policy) in enumerate(zip(axes, ("keep-position", "stretch"))):
         for i, (label, t) in enumerate((("run so far (old recipe)", old), ("new recipe", new))):
-            seen = [s - b for s, b in zip(t.samples_seen, t.samples)]  # images seen before each step
-            xs = [v / t.samples_seen[-1] for v in seen] if c else seen
-            ax.plot(xs, t.lr, color=f"C{i}", linewidth=1.3, label=label)
+            steps = plot_steps(t)
+            seen = t.samples_seen.array - t.samples.array  # images seen before each step
+            xs = seen / t.samples_seen[-1] if c else seen
+            ax.plot(xs[steps], t.lr.array[steps], color=f"C{i}", linewidth=1.3, label=label)
             k = at[policy] if t is new else done
             if k < len(t):
                 ax.plot([xs[k]], [t.lr[k]], "o", color=f"C{i}", markersize=6)
