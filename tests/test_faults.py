@@ -309,3 +309,39 @@ def test_export_of_a_folder_without_a_run_is_one_line(tmp_path, capsys, where):
     assert cli.main(["export", str(folder)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(folder) in err[0]
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_any_moment_of_start_up_is_one_line_exit_130_and_no_folder(tmp_path):
+    """SIGINT while the command is still importing (torch, the data, the model) or building the run,
+    from the moment ``main`` runs: ``import cadence.cli`` loads only the standard library (the
+    package's names are imported lazily; ~30 ms here), so that moment comes before any of cadence's
+    imports, and every moment after it gives the same one line and exit 130 (143 for SIGTERM). A
+    signal inside an import is honoured when the import is done: interrupted, a library (numpy under
+    scipy) was left half-imported and the run died of a RecursionError or ignored the Ctrl-C. (Before
+    ``main`` is Python's own start-up, whose Ctrl-C is Python's traceback.) ``main`` is running once
+    the process catches SIGTERM, which it starts to do just before its handlers: the test waits."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def main_running(pid: int) -> bool:
+        with open(f"/proc/{pid}/status") as f:
+            caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+        return bool(caught >> (signal.SIGTERM - 1) & 1)
+
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("reads the signal mask from /proc")
+    out = tmp_path / "run"
+    for delay, sig in [(d, signal.SIGINT) for d in (0.0, 0.05, 0.15, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5)] + \
+            [(0.4, signal.SIGTERM), (0.9, signal.SIGTERM)]:
+        p = subprocess.Popen([sys.executable, "-m", "cadence", "train", os.path.join(ROOT, "recipes", "demo.yaml"),
+                              "--out", str(out), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while not main_running(p.pid):
+            time.sleep(0.002)
+        time.sleep(delay)
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 128 + sig and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (delay, err)
+        assert not out.exists(), delay

@@ -351,11 +351,23 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
 
-    def terminate(signum, frame):
-        raise Terminated()
+    def stop(signum, frame):
+        """Ctrl-C / SIGTERM outside a training step (the loop takes them over during steps). Never
+        inside an import: a KeyboardInterrupt there can be caught by the library being imported and
+        leave it half-initialised (numpy under scipy, seen here: the run then fails with a
+        RecursionError, or goes on and ignores the Ctrl-C); the signal is sent again 50 ms later."""
+        f = frame
+        while f is not None:
+            if f.f_code.co_filename.startswith("<frozen importlib"):
+                again = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+                again.daemon = True
+                again.start()
+                return
+            f = f.f_back
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
-    previous = signal.signal(signal.SIGTERM, terminate) if threading.current_thread() is threading.main_thread() \
-        else None
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     try:
         code = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
@@ -389,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cadence: error: cannot write {e.filename or ''}: {e.strerror or e}{then}", file=sys.stderr)
         return 1
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":
