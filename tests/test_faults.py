@@ -103,6 +103,70 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last(tmp_path, caps
         assert_same_state(reference[1], train.Trainer.resume(parts.build_setup(recipe_from_dict(TINY)), str(run_dir)))
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 6 MiB file system (tmpfs), for a disk that fills and a folder that is read-only even to
+    root; skipped where mounting is not allowed (not root, or a container without the capability)."""
+    import subprocess
+
+    where = tmp_path / "disk"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(where)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def _fill(folder) -> str:
+    """Fill the file system of ``folder`` to the last byte; returns the filler's path."""
+    path = os.path.join(folder, "filler")
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    return path
+
+
+@pytest.mark.slow
+def test_a_really_full_disk_is_one_line_keeps_the_last_checkpoint_and_resumes_exactly(small_disk, capsys, reference):
+    """Not an injected error: the run's own file system fills up while it trains. Whatever write
+    meets the full disk first (a metrics row, the checkpoint), it is one line naming the file and "No
+    space left on device", exit 1; last.pt is the last whole one; with room again, --resume ends the
+    run bitwise as if nothing had happened."""
+    recipe, run_dir = write_recipe(small_disk.parent, TINY), small_disk / "r"
+    assert cli.main(["train", recipe, "--out", str(run_dir), "--quiet", "--max-steps", "2"]) == 0
+    filler = _fill(small_disk)
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run_dir), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "".join(err) and "No space left on device" in err[-1] and str(run_dir) in err[-1], err
+    assert last_checkpoint(run_dir)["step"] == 2 and leftovers(run_dir) == []
+    os.remove(filler)
+    assert cli.main(["train", "--resume", str(run_dir), "--quiet"]) == 0
+    assert_same_state(reference[1], train.Trainer.resume(parts.build_setup(recipe_from_dict(TINY)), str(run_dir)))
+    assert train_rows(str(run_dir)) == train_rows(str(reference[0]))
+
+
+@pytest.mark.slow
+def test_a_read_only_file_system_is_one_line_for_resume_and_report_even_as_root(small_disk, capsys):
+    """A folder read-only by its file system (EROFS), which root cannot write either: --resume and
+    report each say so in one line (exit 1) and change nothing."""
+    import subprocess
+
+    recipe, run_dir = write_recipe(small_disk.parent, TINY), small_disk / "r"
+    assert cli.main(["train", recipe, "--out", str(run_dir), "--quiet", "--max-steps", "2"]) == 0
+    before = (run_dir / "checkpoints" / "last.pt").read_bytes()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    for command in (["train", "--resume", str(run_dir), "--quiet"], ["report", str(run_dir)]):
+        capsys.readouterr()
+        assert cli.main(command) == 1, command
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "Read-only file system" in err[-1] and "Traceback" not in "".join(err), (command, err)
+    assert (run_dir / "checkpoints" / "last.pt").read_bytes() == before
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")
 def test_an_unwritable_run_directory_is_one_line(tmp_path, capsys):
