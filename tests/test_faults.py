@@ -398,8 +398,7 @@ def test_ctrl_c_at_any_moment_of_start_up_is_one_line_exit_130_and_no_folder(tmp
     if not os.path.exists("/proc/self/status"):
         pytest.skip("reads the signal mask from /proc")
     out = tmp_path / "run"
-    for delay, sig in [(d, signal.SIGINT) for d in (0.0, 0.05, 0.15, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5)] + \
-            [(0.4, signal.SIGTERM), (0.9, signal.SIGTERM)]:
+    for delay, sig in [(d, signal.SIGINT) for d in (0.0, 0.1, 0.3, 0.6, 1.0)] + [(0.5, signal.SIGTERM)]:
         p = subprocess.Popen([sys.executable, "-m", "cadence", "train", os.path.join(ROOT, "recipes", "demo.yaml"),
                               "--out", str(out), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         while not main_running(p.pid):
@@ -407,5 +406,6 @@ def test_ctrl_c_at_any_moment_of_start_up_is_one_line_exit_130_and_no_folder(tmp
         time.sleep(delay)
         p.send_signal(sig)
         _, err = p.communicate(timeout=120)
-        assert p.returncode == 128 + sig and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (delay, err)
+        said = [line for line in err.strip().splitlines() if not line.startswith("demo: ")]  # the run's header
+        assert p.returncode == 128 + sig and len(said) == 1 and "Traceback" not in err, (delay, err)
         assert not out.exists(), delay
