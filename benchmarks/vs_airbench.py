@@ -21,6 +21,11 @@ taken out and printed apart) and cadence's ``cpu`` column of metrics.jsonl (epoc
 second or so, happens before training and is not counted). Whole-process CPU seconds (startup, data
 loading, every evaluation) are printed too, from the kernel's accounting.
 
+To pause a pair (the cores are needed for something else), stop both with SIGSTOP and continue them
+with SIGCONT: process CPU time does not count a stopped process. Stopping cadence with SIGTERM
+(it checkpoints, exit 143) lets airbench run on; cadence then continues alone on its core with
+``cadence train --resume`` and ``--collect`` reads the seed. Any other failure of one stops the other.
+
     python benchmarks/vs_airbench.py --airbench ~/cifar10-airbench/legacy/airbench94.py \\
         --data /data/cifar10 --recipe recipes/cifar10-airbench.yaml --seeds 0 1 2
 """
@@ -116,9 +121,13 @@ def launch(cmd: list[str], core: int, log: str, env: dict, cwd: str | None = Non
                             env=env, cwd=cwd)
 
 
+PAUSED = (130, 143)  # cadence stopped by Ctrl-C / SIGTERM after writing a checkpoint: it can continue
+
+
 def wait_all(procs: dict[str, subprocess.Popen]) -> dict[str, float]:
     """Wait for every process; its whole CPU seconds (user + system) from the kernel. One that fails
-    stops the others (the pair is no comparison any more)."""
+    stops the others (the pair is no comparison any more; cadence, stopped by SIGTERM, checkpoints).
+    cadence stopped at a checkpoint (``PAUSED``) is not a failure: airbench goes on."""
     cpu, left = {}, {p.pid: name for name, p in procs.items()}
     while left:
         pid, status, usage = os.wait4(-1, 0)
@@ -126,7 +135,7 @@ def wait_all(procs: dict[str, subprocess.Popen]) -> dict[str, float]:
             name = left.pop(pid)
             procs[name].returncode = os.waitstatus_to_exitcode(status)
             cpu[name] = usage.ru_utime + usage.ru_stime
-            if procs[name].returncode:
+            if procs[name].returncode and not (name == "cadence" and procs[name].returncode in PAUSED):
                 for other in left.values():
                     procs[other].terminate()
     return cpu
@@ -144,6 +153,8 @@ def airbench_result(log: str) -> dict:
 def cadence_result(run_dir: str) -> dict:
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     evals = [r for r in rows if "val_top1" in r]
+    if not evals:
+        sys.exit(f"vs_airbench: {run_dir} has not finished (no evaluation yet): continue it with cadence train --resume")
     return {"acc": evals[-1]["val_top1"], "cpu": evals[-1]["cpu"], "curve": [(r["cpu"], r["val_top1"]) for r in evals]}
 
 
@@ -163,6 +174,8 @@ def main() -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="both contenders")
     p.add_argument("--curve", action="store_true", help="evaluate both (with TTA, untimed) after every epoch")
     p.add_argument("--out", default="vs-airbench")
+    p.add_argument("--collect", action="store_true", help="run nothing: read each seed's finished airbench log and "
+                   "cadence run in --out (after a cadence run stopped at a checkpoint was continued with --resume)")
     a = p.parse_args()
     out = os.path.abspath(a.out)
     bench = os.path.join(out, "airbench")
@@ -185,17 +198,25 @@ def main() -> None:
         for s in a.sets:
             cadence_cmd += ["--set", s]
         started = time.time()
-        procs = {"airbench": launch([sys.executable, "airbench94_cpu.py"], cores[0],
-                                    os.path.join(out, f"airbench-seed{seed}.log"),
-                                    {"SEED": str(seed), "BF16": str(int(a.precision == "bf16")), "CURVE": str(int(a.curve))},
-                                    cwd=bench),
-                 "cadence": launch(cadence_cmd, cores[1], os.path.join(out, f"cadence-seed{seed}.log"), {})}
-        whole = wait_all(procs)
-        for name, proc in procs.items():
-            if proc.returncode:
-                sys.exit(f"vs_airbench: {name} (seed {seed}) exited {proc.returncode}: see {out}/{name}-seed{seed}.log")
-        r = {"seed": seed, "wall": time.time() - started, "airbench": airbench_result(os.path.join(out, f"airbench-seed{seed}.log")),
-             "cadence": cadence_result(run_dir)}
+        if a.collect:  # the pair ran earlier; cadence's part may have been continued from a checkpoint
+            whole = {"airbench": None, "cadence": None}
+        else:
+            procs = {"airbench": launch([sys.executable, "airbench94_cpu.py"], cores[0],
+                                        os.path.join(out, f"airbench-seed{seed}.log"),
+                                        {"SEED": str(seed), "BF16": str(int(a.precision == "bf16")),
+                                         "CURVE": str(int(a.curve))}, cwd=bench),
+                     "cadence": launch(cadence_cmd, cores[1], os.path.join(out, f"cadence-seed{seed}.log"), {})}
+            whole = wait_all(procs)
+            if procs["airbench"].returncode == 0 and procs["cadence"].returncode in PAUSED:
+                sys.exit(f"vs_airbench: cadence (seed {seed}) stopped at a checkpoint (its training CPU is in it); "
+                         f"airbench finished. Continue cadence alone on its core: OMP_NUM_THREADS=1 taskset -c "
+                         f"{cores[1]} {sys.executable} -m cadence train --resume {run_dir} --quiet; then run this "
+                         "command again with --collect")
+            for name, proc in procs.items():
+                if proc.returncode:
+                    sys.exit(f"vs_airbench: {name} (seed {seed}) exited {proc.returncode}: see {out}/{name}-seed{seed}.log")
+        r = {"seed": seed, "wall": None if a.collect else time.time() - started,
+             "airbench": airbench_result(os.path.join(out, f"airbench-seed{seed}.log")), "cadence": cadence_result(run_dir)}
         for name in ("airbench", "cadence"):
             r[name]["process_cpu"] = whole[name]
         other = {"airbench": "cadence", "cadence": "airbench"}
@@ -208,8 +229,9 @@ def main() -> None:
         for name in ("airbench", "cadence"):
             x = r[name]
             t = x["to_reach_other"]
+            process = "collected" if x["process_cpu"] is None else f"{x['process_cpu']:.0f} s"
             print(f"  {name:8s} top-1 {100 * x['acc']:.2f}%  training CPU {x['cpu']:.0f} s  "
-                  f"(process {x['process_cpu']:.0f} s)  to reach {other[name]}'s {100 * r[other[name]]['acc']:.2f}%: "
+                  f"(process {process})  to reach {other[name]}'s {100 * r[other[name]]['acc']:.2f}%: "
                   + (f"{t:.0f} s" if t is not None else "not reached" if a.curve else "(--curve)"), flush=True)
     results = earlier + results
     if len(results) > 1:

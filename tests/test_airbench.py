@@ -6,6 +6,7 @@ closed form, torch, or airbench's rule as its source states it; resume and bad i
 from __future__ import annotations
 
 import copy
+import os
 import math
 
 import numpy as np
@@ -292,3 +293,22 @@ def test_the_airbench_recipe_plans_and_names_its_keys(capsys):
     assert math.isclose(recipe.optimizer.lr * recipe.optimizer.groups.norm_bias.weight_decay * 64,
                         recipe.optimizer.lr * recipe.optimizer.weight_decay, rel_tol=1e-3)  # airbench's lr x wd
     assert recipe.train.tta == "flip-translate" and recipe.model.logit_scale == pytest.approx(1 / 9)
+
+
+def test_the_side_by_side_script_lets_airbench_finish_when_cadence_stops_at_a_checkpoint():
+    """benchmarks/vs_airbench.py: cadence stopped by SIGTERM (exit 143, a checkpoint written) is a
+    pause, and airbench runs on; any other failure stops the other contender."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    spec = importlib.util.spec_from_file_location("vs_airbench", os.path.join(ROOT, "benchmarks", "vs_airbench.py"))
+    vs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vs)
+    run = lambda code: subprocess.Popen([sys.executable, "-c", code])  # noqa: E731
+    paused = {"airbench": run("import time; time.sleep(1.5)"), "cadence": run("raise SystemExit(143)")}
+    vs.wait_all(paused)
+    assert paused["airbench"].returncode == 0 and paused["cadence"].returncode == 143
+    failed = {"airbench": run("import time; time.sleep(30)"), "cadence": run("raise SystemExit(1)")}
+    vs.wait_all(failed)
+    assert failed["airbench"].returncode == -15 and failed["cadence"].returncode == 1
