@@ -373,8 +373,9 @@ class ImagePolicy:
         if not self:
             return x
         d = self.draw(keys, *x.shape[-2:])
-        out = x.clone()
-        if self.jitter is not None:  # four rounds; in each, the images whose k-th jitter step is op
+        if self.jitter is None:
+            out = x.clone()
+        else:  # four rounds; in each, the images whose k-th jitter step is op
             order, factors = d["jitter"]["order"], d["jitter"]["factors"]
             image = x.float()
             for k in range(4):
