@@ -30,12 +30,15 @@ def main() -> None:
     p.add_argument("--set", dest="sets", action="append", default=[])
     p.add_argument("--steps", type=int, default=6, help="optimizer steps per round")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--stages", type=int, nargs="+", help="only these stages (default: all)")
     a = p.parse_args()
     recipe = load_recipe(a.recipe, a.sets)
     setup = parts.build_setup(recipe, a.recipe)
     trainer = train.Trainer(setup, run_dir="")
     t = trainer.timeline
     for k, stage in enumerate(recipe.stages):
+        if a.stages is not None and k not in a.stages:
+            continue
         epoch = t.epoch[t.stage_starts[k]]
         loops = {"ahead": endless(lambda: iter(trainer.loader(k, epoch)))}  # as training runs
         if hasattr(trainer.loader(k, epoch), "_batches"):  # in memory: also made in the step, for comparison

@@ -28,6 +28,9 @@ with SIGCONT: process CPU time does not count a stopped process. Stopping cadenc
 
     python benchmarks/vs_airbench.py --airbench ~/cifar10-airbench/legacy/airbench94.py \\
         --data /data/cifar10 --recipe recipes/cifar10-airbench.yaml --seeds 0 1 2
+Another cadence recipe against the same airbench runs: give it a ``--name`` (its runs are
+``OUT/NAME-seedN``); run it beside a fresh airbench run, or train it alone on a core while airbench
+runs on the other and read both with ``--collect``.
 """
 
 from __future__ import annotations
@@ -165,9 +168,11 @@ def reach(curve: list[tuple[float, float]], target: float) -> float | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--airbench", required=True, help="path of legacy/airbench94.py in a cifar10-airbench checkout")
-    p.add_argument("--data", required=True, help="CIFAR-10 as JPEG folders: train/<class>/*.jpg, test/<class>/*.jpg")
+    p.add_argument("--airbench", help="path of legacy/airbench94.py in a cifar10-airbench checkout")
+    p.add_argument("--data", help="CIFAR-10 as JPEG folders: train/<class>/*.jpg, test/<class>/*.jpg")
     p.add_argument("--recipe", default=os.path.join(ROOT, "recipes", "cifar10-airbench.yaml"))
+    p.add_argument("--name", default="cadence", help="cadence's runs are OUT/NAME-seedN: several recipes can "
+                   "be compared with the same airbench runs (--collect)")
     p.add_argument("--set", dest="sets", action="append", default=[], help="cadence recipe overrides")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--cores", type=int, nargs=2, default=[0, 1], help="the two cores (swapped every seed)")
@@ -177,21 +182,25 @@ def main() -> None:
     p.add_argument("--collect", action="store_true", help="run nothing: read each seed's finished airbench log and "
                    "cadence run in --out (after a cadence run stopped at a checkpoint was continued with --resume)")
     a = p.parse_args()
+    if not a.collect and not (a.airbench and a.data):
+        p.error("--airbench and --data are required (unless --collect)")
     out = os.path.abspath(a.out)
     bench = os.path.join(out, "airbench")
-    os.makedirs(bench, exist_ok=True)
-    with open(a.airbench) as f:
-        script = port(f.read())
-    with open(os.path.join(bench, "airbench94_cpu.py"), "w") as f:
-        f.write(script)
-    if not os.path.exists(os.path.join(bench, "cifar10", "test.pt")):
-        write_airbench_data(a.data, os.path.join(bench, "cifar10"))
+    if not a.collect:
+        os.makedirs(bench, exist_ok=True)
+        with open(a.airbench) as f:
+            script = port(f.read())
+        with open(os.path.join(bench, "airbench94_cpu.py"), "w") as f:
+            f.write(script)
+        if not os.path.exists(os.path.join(bench, "cifar10", "test.pt")):
+            write_airbench_data(a.data, os.path.join(bench, "cifar10"))
     saved = os.path.join(out, "results.json")  # seeds run earlier into the same --out are kept (a seed per session)
-    earlier = [r for r in json.load(open(saved)) if r["seed"] not in a.seeds] if os.path.exists(saved) else []
+    earlier = ([r for r in json.load(open(saved)) if (r.get("name", "cadence"), r["seed"]) not in
+                {(a.name, s) for s in a.seeds}] if os.path.exists(saved) else [])
     results = []
     for i, seed in enumerate(a.seeds):
         cores = a.cores if i % 2 == 0 else a.cores[::-1]
-        run_dir = os.path.join(out, f"cadence-seed{seed}")
+        run_dir = os.path.join(out, f"{a.name}-seed{seed}")
         cadence_cmd = [sys.executable, "-m", "cadence", "train", a.recipe, "--out", run_dir, "--set", f"seed={seed}",
                        "--set", f"data.root={a.data}", "--set", f"train.precision={a.precision}", "--quiet",
                        "--set", f"train.eval_every={'epoch' if a.curve else 'end'}"]
@@ -205,7 +214,7 @@ def main() -> None:
                                         os.path.join(out, f"airbench-seed{seed}.log"),
                                         {"SEED": str(seed), "BF16": str(int(a.precision == "bf16")),
                                          "CURVE": str(int(a.curve))}, cwd=bench),
-                     "cadence": launch(cadence_cmd, cores[1], os.path.join(out, f"cadence-seed{seed}.log"), {})}
+                     "cadence": launch(cadence_cmd, cores[1], os.path.join(out, f"{a.name}-seed{seed}.log"), {})}
             whole = wait_all(procs)
             if procs["airbench"].returncode == 0 and procs["cadence"].returncode in PAUSED:
                 sys.exit(f"vs_airbench: cadence (seed {seed}) stopped at a checkpoint (its training CPU is in it); "
@@ -214,8 +223,8 @@ def main() -> None:
                          "command again with --collect")
             for name, proc in procs.items():
                 if proc.returncode:
-                    sys.exit(f"vs_airbench: {name} (seed {seed}) exited {proc.returncode}: see {out}/{name}-seed{seed}.log")
-        r = {"seed": seed, "wall": None if a.collect else time.time() - started,
+                    sys.exit(f"vs_airbench: {name} (seed {seed}) exited {proc.returncode}: see {out}/{a.name if name == 'cadence' else name}-seed{seed}.log")
+        r = {"name": a.name, "recipe": a.recipe, "sets": a.sets, "seed": seed, "wall": None if a.collect else time.time() - started,
              "airbench": airbench_result(os.path.join(out, f"airbench-seed{seed}.log")), "cadence": cadence_result(run_dir)}
         for name in ("airbench", "cadence"):
             r[name]["process_cpu"] = whole[name]
@@ -233,7 +242,7 @@ def main() -> None:
             print(f"  {name:8s} top-1 {100 * x['acc']:.2f}%  training CPU {x['cpu']:.0f} s  "
                   f"(process {process})  to reach {other[name]}'s {100 * r[other[name]]['acc']:.2f}%: "
                   + (f"{t:.0f} s" if t is not None else "not reached" if a.curve else "(--curve)"), flush=True)
-    results = earlier + results
+    results = [r for r in earlier if r.get("name", "cadence") == a.name] + results
     if len(results) > 1:
         print(f"over {len(results)} seeds {sorted(r['seed'] for r in results)} (mean +- sd):")
         for name in ("airbench", "cadence"):

@@ -312,3 +312,32 @@ def test_the_side_by_side_script_lets_airbench_finish_when_cadence_stops_at_a_ch
     failed = {"airbench": run("import time; time.sleep(30)"), "cadence": run("raise SystemExit(1)")}
     vs.wait_all(failed)
     assert failed["airbench"].returncode == -15 and failed["cadence"].returncode == 1
+
+
+def test_the_side_by_side_script_collects_a_named_recipe_against_the_same_airbench_run(tmp_path):
+    """``--collect --name``: a second cadence recipe read against an airbench run already logged; the
+    training CPU and accuracy come from airbench's JSON lines (its final evaluation taken out) and
+    cadence's metrics, and the results file keeps each (name, seed) apart."""
+    import json
+    import subprocess
+    import sys
+
+    mark = "VS-AIRBENCH "
+    (tmp_path / "airbench-seed0.log").write_text("| a table row |\n" + "".join(mark + json.dumps(r) + "\n" for r in [
+        {"epoch": 0, "cpu": 700.0, "acc": None}, {"final": 0.9084}, {"total_cpu": 6800.0, "tta_cpu": 100.0}]))
+    for name, acc, cpu in (("cadence", 0.9070, 5800.0), ("fast", 0.9090, 5000.0)):
+        run = tmp_path / f"{name}-seed0"
+        run.mkdir()
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "cpu": 10.0}) + "\n"
+                                           + json.dumps({"step": 476, "cpu": cpu, "val_top1": acc}) + "\n")
+    script = os.path.join(ROOT, "benchmarks", "vs_airbench.py")
+    for name in ("cadence", "fast"):
+        out = subprocess.run([sys.executable, script, "--collect", "--name", name, "--seeds", "0", "--out",
+                              str(tmp_path)], capture_output=True, text=True, check=True).stdout
+        assert "airbench top-1 90.84%  training CPU 6700 s" in out
+    assert "cadence  top-1 90.90%  training CPU 5000 s" in out  # the row of --name fast
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["name"], r["cadence"]["acc"], r["airbench"]["cpu"]) for r in saved] == [
+        ("cadence", 0.9070, 6700.0), ("fast", 0.9090, 6700.0)]
+    bad = subprocess.run([sys.executable, script, "--seeds", "0", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--airbench and --data are required" in bad.stderr

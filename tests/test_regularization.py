@@ -117,6 +117,20 @@ def test_a_batch_is_augmented_bit_for_bit_as_its_images_one_by_one(keys, size):
     assert not torch.equal(one_by_one, x)
 
 
+@pytest.mark.parametrize("name", ["Posterize", "Solarize"])
+def test_posterize_and_solarize_of_a_batch_take_a_magnitude_per_image_as_torchvision_does(name):
+    """Every magnitude bin of TrivialAugmentWide's table (8 bits: unchanged; threshold 255: only white
+    inverted), each image its own, against torchvision's operation on that image."""
+    policy = data.ImagePolicy(Regularization(policy="trivialaugment").over(DEFAULTS), (0.5, 0.4, 0.3))
+    names, values, _, _ = policy._tables(9, 9)
+    mags = np.concatenate([values[names.index(name)], values[names.index(name)][::-1]])
+    x = _images(len(mags), 9, seed=4)
+    x[0], x[-1] = 255, 0
+    theirs = torch.stack([policy._op(img, name, float(m)) for img, m in zip(x, mags)])
+    ours = policy._apply(x.clone(), name, np.array([name] * len(mags), dtype=object), mags)
+    assert torch.equal(ours, theirs) and not torch.equal(ours, x)
+
+
 @pytest.mark.parametrize("channels", [3, 1])
 def test_colour_blends_of_a_batch_are_torchvisions_kernels_with_a_factor_per_image(channels):
     fns = {"Brightness": v2.functional.adjust_brightness, "Color": v2.functional.adjust_saturation,

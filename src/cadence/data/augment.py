@@ -50,7 +50,7 @@ def forced_flips(mode: str, seed: int, epoch: int, indices) -> np.ndarray | None
 def augment_batch(x: torch.Tensor, keys: np.ndarray, *, native: int, flip: bool, resolution: int,
                   pad: int | None = None, flips: np.ndarray | None = None) -> torch.Tensor:
     """Pad-crop (reflect, ``pad`` px: default native/8), optional horizontal flip and resize of a
-    uint8 batch (N, C, native, native), as two gathers (rows, then columns) and one interpolation.
+    uint8 batch (N, C, native, native), as one gather (each output pixel's source) and one interpolation.
     Image ``i``'s crop and flip come from ``keys[i]`` alone (or its flip from ``flips[i]``), so an
     image is augmented the same way whichever batch or rank it lands in. Returns uint8 (the
     normaliser makes it float on the device: a quarter of the bytes to move)."""
@@ -66,9 +66,9 @@ def augment_batch(x: torch.Tensor, keys: np.ndarray, *, native: int, flip: bool,
     cols = _reflect(dx[:, None] + ar - pad, native)
     if flip:
         cols = torch.where(fl[:, None], cols.flip(1), cols)
-    out = x.gather(2, rows[:, None, :, None].expand(n, c, native, native))
-    out = out.gather(3, cols[:, None, None, :].expand(n, c, native, native))
-    return resize_batch(out, resolution, torch.uint8)
+    source = (rows[:, :, None] * native + cols[:, None, :]).view(n, 1, native * native)  # flat source pixel
+    out = x.reshape(n, c, native * native).gather(2, source.expand(n, c, native * native))
+    return resize_batch(out.view(n, c, native, native), resolution, torch.uint8)
 
 
 def _reflect(i: torch.Tensor, size: int) -> torch.Tensor:
@@ -157,6 +157,16 @@ _GEOMETRIC = frozenset({"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"
 _COLOUR = frozenset({"Brightness", "Color", "Contrast", "Sharpness"})  # blends: a factor per image in one call
 _JITTER_OPS = ("Brightness", "Contrast", "Color")  # ColorJitter's fn_idx 0, 1, 2 (3, hue, is never set here)
 _JITTER, _OPS, _ERASE = 0x717, 0x0B5, 0xE7A  # the three draw streams of an image's key
+
+
+def _groups(ops: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """Which kind of operation each image drew in one slot: the kinds (every geometric operation is
+    "geometric") and each image's index into them (-1: Identity)."""
+    drawn, which = np.unique(ops, return_inverse=True)
+    names = sorted({"geometric" if n in _GEOMETRIC else n for n in drawn.tolist() if n != "Identity"})
+    code = np.array([-1 if n == "Identity" else names.index("geometric" if n in _GEOMETRIC else n)
+                     for n in drawn.tolist()])
+    return names, code[which.reshape(-1)]
 
 
 def colour_batch(x: torch.Tensor, name: str, factors) -> torch.Tensor:
@@ -319,16 +329,14 @@ class ImagePolicy:
         aspect = np.exp(log_lo + (log_hi - log_lo) * u[:, 2:21:2])
         hs, ws = np.round(np.sqrt(area * aspect)).astype(int), np.round(np.sqrt(area / aspect)).astype(int)
         fits = (hs < height) & (ws < width)
+        first = np.argmax(fits, axis=1)  # the first try that fits
+        rows = np.arange(len(keys))
+        h, w = hs[rows, first], ws[rows, first]
+        top, left = (u[:, 21] * (height - h + 1)).astype(int), (u[:, 22] * (width - w + 1)).astype(int)
         value = torch.tensor(t.value)[:, None, None]
-        boxes = []
-        for i in range(len(keys)):
-            if not u[i, 0] < t.p or not fits[i].any():
-                boxes.append(None)
-                continue
-            k = int(np.argmax(fits[i]))
-            h, w = int(hs[i, k]), int(ws[i, k])
-            boxes.append(dict(i=int(u[i, 21] * (height - h + 1)), j=int(u[i, 22] * (width - w + 1)), h=h, w=w,
-                              v=value))
+        boxes: list = [None] * len(keys)
+        for i in np.flatnonzero((u[:, 0] < t.p) & fits.any(axis=1)).tolist():
+            boxes[i] = dict(i=int(top[i]), j=int(left[i]), h=int(h[i]), w=int(w[i]), v=value)
         return boxes
 
     # -- applying them ------------------------------------------------------------------------
@@ -363,19 +371,19 @@ class ImagePolicy:
 
     def batch(self, x: torch.Tensor, keys: np.ndarray) -> torch.Tensor:
         """Each image of a uint8 batch (N, C, H, W) by its own key: what ``self(image, key)`` gives, bit
-        for bit (the tests hold it), in a fraction of the time. The draws are vectorised; the
-        geometric operations (shears, translations, rotations: nearest-neighbour resampling) of all
-        images run as one gather through each drawn operation's map of source pixels (made once by
-        torchvision's own operation on an image of pixel indices); the colour blends (the policy's
-        Brightness, Color, Contrast, Sharpness and the jitter's steps) once for all images that drew
-        them, with a factor each (:func:`colour_batch`); the other policy operations once on every
-        image that drew the same (operation, magnitude); erasing image by image."""
+        for bit (the tests hold it), in a fraction of the time. The draws are vectorised. For each
+        operation slot the images are reordered so that those that drew the same kind of operation are
+        one slice (one gather in, one gather back out), and each kind runs once on its slice: the
+        geometric operations (shears, translations, rotations: nearest-neighbour resampling) as one
+        gather through each drawn operation's map of source pixels (made once by torchvision's own
+        operation on an image of pixel indices); the colour blends (the policy's Brightness, Color,
+        Contrast, Sharpness and the jitter's steps), Posterize and Solarize with a factor, mask or
+        threshold per image; any other operation once per magnitude. Then erasing, box by box."""
         if not self:
             return x
         d = self.draw(keys, *x.shape[-2:])
-        if self.jitter is None:
-            out = x.clone()
-        else:  # four rounds; in each, the images whose k-th jitter step is op
+        out, owned = x, False
+        if self.jitter is not None:  # four rounds; in each, the images whose k-th jitter step is op
             order, factors = d["jitter"]["order"], d["jitter"]["factors"]
             image = x.float()
             for k in range(4):
@@ -384,33 +392,47 @@ class ImagePolicy:
                     if len(images):
                         at = torch.from_numpy(images)
                         image.index_copy_(0, at, _colour(image.index_select(0, at), op, factors[fn, images]))
-            out = image.to(torch.uint8)
+            out, owned = image.to(torch.uint8), True
+        row = np.arange(len(x))  # row[i]: where image i is in ``out``
         for ops, mags in zip(d.get("ops", np.empty((len(x), 0))).T, d.get("magnitudes", np.empty((len(x), 0))).T):
-            # the images sorted by what they drew: each group is then a slice (one gather, one scatter)
-            groups: dict = {}
-            for i, (name, mag) in enumerate(zip(ops, mags.tolist())):
-                if name != "Identity":
-                    group = "geometric" if name in _GEOMETRIC else name if name in _COLOUR else (name, mag)
-                    groups.setdefault(group, []).append(i)
-            if not groups:
+            names, groups = _groups(ops)
+            if (groups < 0).all():
                 continue
-            order = [i for images in groups.values() for i in images]
-            at = torch.tensor(order)
-            moved, start = out.index_select(0, at), 0
-            for group, images in groups.items():
-                part = slice(start, start + len(images))
-                start += len(images)
-                if group == "geometric":
-                    moved[part] = self._resample(moved[part], [(ops[i], float(mags[i])) for i in images])
-                elif group in _COLOUR:
-                    moved[part] = colour_batch(moved[part], group, 1.0 + mags[images])  # torchvision's 1 + magnitude
-                else:
-                    moved[part] = self._op(moved[part], *group)
-            out.index_copy_(0, at, moved)
+            order = np.argsort(groups, kind="stable")  # the images, grouped
+            out, owned = out.index_select(0, torch.from_numpy(row[order])), True
+            row[order] = np.arange(len(x))
+            cuts = np.flatnonzero(np.diff(groups[order])) + 1
+            for a, b in zip(np.concatenate([[0], cuts]).tolist(), np.concatenate([cuts, [len(x)]]).tolist()):
+                kind, images = groups[order[a]], order[a:b]
+                if kind >= 0:  # not Identity
+                    out[a:b] = self._apply(out[a:b], names[kind], ops[images], mags[images])
+        if not owned and d.get("erase") and any(box is not None for box in d["erase"]):
+            out = x.clone()
+        if not (row == np.arange(len(x))).all():
+            out = out.index_select(0, torch.from_numpy(row))  # back in the batch's order
         for i, box in enumerate(d.get("erase", ())):
             if box is not None:  # what torchvision's erase does, in place
                 out[i, :, box["i"]: box["i"] + box["h"], box["j"]: box["j"] + box["w"]] = box["v"]
         return out
+
+    def _apply(self, x: torch.Tensor, name: str, ops: np.ndarray, mags: np.ndarray) -> torch.Tensor:
+        """Images (n, C, H, W) that drew operation ``name`` (or any geometric one: ``ops``), image ``i``
+        at magnitude ``mags[i]``, as torchvision's operation would give each."""
+        if name == "geometric":
+            return self._resample(x, list(zip(ops, mags.tolist())))
+        if name in _COLOUR:
+            return colour_batch(x, name, 1.0 + mags)  # torchvision's 1 + magnitude
+        if name == "Posterize":  # torchvision: image & mask of the top ``bits``, unchanged at 8 bits
+            bits = mags.astype(int)
+            mask = np.where(bits >= 8, 255, ((1 << bits) - 1) << (8 - bits)).astype(np.uint8)
+            return x & torch.from_numpy(mask).view(-1, 1, 1, 1)
+        if name == "Solarize":  # torchvision: 255 x magnitude, which a uint8 comparison sees as float32
+            threshold = torch.from_numpy(255 * mags).float().view(-1, 1, 1, 1)
+            return torch.where(x >= threshold, x.bitwise_not(), x)
+        for m in np.unique(mags).tolist():  # the rest: once per magnitude
+            at = torch.from_numpy(np.flatnonzero(mags == m))
+            x[at] = self._op(x[at], name, m)
+        return x
 
     def _resample(self, x: torch.Tensor, ops: list[tuple[str, float]]) -> torch.Tensor:
         """Images (n, C, H, W) each through its own geometric operation, as one gather."""
