@@ -169,6 +169,23 @@ def _groups(ops: np.ndarray) -> tuple[list[str], np.ndarray]:
     return names, code[which.reshape(-1)]
 
 
+def _grouped(out: torch.Tensor, row: np.ndarray, kinds: np.ndarray, apply) -> torch.Tensor:
+    """``out`` with its images reordered so that those of each kind are one slice (one gather; ``row``,
+    where each image is in ``out``, is updated in place) and ``apply(slice, kind, images)`` run on
+    each slice; images of kind -1 are left as they are. ``out`` itself when every image is -1."""
+    if (kinds < 0).all():
+        return out
+    order = np.argsort(kinds, kind="stable")
+    out = out.index_select(0, torch.from_numpy(row[order]))
+    row[order] = np.arange(len(row))
+    cuts = (np.flatnonzero(np.diff(kinds[order])) + 1).tolist()
+    for a, b in zip([0] + cuts, cuts + [len(row)]):
+        kind = kinds[order[a]]
+        if kind >= 0:
+            out[a:b] = apply(out[a:b], kind, order[a:b])
+    return out
+
+
 def colour_batch(x: torch.Tensor, name: str, factors) -> torch.Tensor:
     """torchvision.transforms.v2.functional's ``adjust_brightness`` / ``adjust_saturation`` ("Color") /
     ``adjust_contrast`` / ``adjust_sharpness`` of uint8 images (n, C, H, W), image ``i`` with
@@ -372,41 +389,30 @@ class ImagePolicy:
     def batch(self, x: torch.Tensor, keys: np.ndarray) -> torch.Tensor:
         """Each image of a uint8 batch (N, C, H, W) by its own key: what ``self(image, key)`` gives, bit
         for bit (the tests hold it), in a fraction of the time. The draws are vectorised. For each
-        operation slot the images are reordered so that those that drew the same kind of operation are
-        one slice (one gather in, one gather back out), and each kind runs once on its slice: the
-        geometric operations (shears, translations, rotations: nearest-neighbour resampling) as one
-        gather through each drawn operation's map of source pixels (made once by torchvision's own
-        operation on an image of pixel indices); the colour blends (the policy's Brightness, Color,
+        jitter round and operation slot the images are reordered so that those that drew the same kind
+        of operation are one slice (:func:`_grouped`; one gather back at the end), and each kind runs
+        once on its slice: the geometric operations (shears, translations, rotations: nearest-neighbour
+        resampling) as one gather through each drawn operation's map of source pixels (made once by
+        torchvision's own operation on an image of pixel indices); the colour blends (the policy's Brightness, Color,
         Contrast, Sharpness and the jitter's steps), Posterize and Solarize with a factor, mask or
         threshold per image; any other operation once per magnitude. Then erasing, box by box."""
         if not self:
             return x
         d = self.draw(keys, *x.shape[-2:])
-        out, owned = x, False
-        if self.jitter is not None:  # four rounds; in each, the images whose k-th jitter step is op
+        out, row = x, np.arange(len(x))  # row[i]: where image i is in ``out``
+        if self.jitter is not None:  # four rounds; in each, every image's k-th jitter step
             order, factors = d["jitter"]["order"], d["jitter"]["factors"]
-            image = x.float()
+            out = x.float()
             for k in range(4):
-                for fn, op in enumerate(_JITTER_OPS):
-                    images = np.flatnonzero(order[:, k] == fn)
-                    if len(images):
-                        at = torch.from_numpy(images)
-                        image.index_copy_(0, at, _colour(image.index_select(0, at), op, factors[fn, images]))
-            out, owned = image.to(torch.uint8), True
-        row = np.arange(len(x))  # row[i]: where image i is in ``out``
+                steps = np.where(order[:, k] < len(_JITTER_OPS), order[:, k], -1)  # 3, hue: never set here
+                out = _grouped(out, row, steps, lambda part, fn, images: _colour(part, _JITTER_OPS[fn],
+                                                                                  factors[fn, images]))
+            out = out.to(torch.uint8)
         for ops, mags in zip(d.get("ops", np.empty((len(x), 0))).T, d.get("magnitudes", np.empty((len(x), 0))).T):
-            names, groups = _groups(ops)
-            if (groups < 0).all():
-                continue
-            order = np.argsort(groups, kind="stable")  # the images, grouped
-            out, owned = out.index_select(0, torch.from_numpy(row[order])), True
-            row[order] = np.arange(len(x))
-            cuts = np.flatnonzero(np.diff(groups[order])) + 1
-            for a, b in zip(np.concatenate([[0], cuts]).tolist(), np.concatenate([cuts, [len(x)]]).tolist()):
-                kind, images = groups[order[a]], order[a:b]
-                if kind >= 0:  # not Identity
-                    out[a:b] = self._apply(out[a:b], names[kind], ops[images], mags[images])
-        if not owned and d.get("erase") and any(box is not None for box in d["erase"]):
+            names, kinds = _groups(ops)
+            out = _grouped(out, row, kinds, lambda part, kind, images: self._apply(part, names[kind], ops[images],
+                                                                                    mags[images]))
+        if out is x and any(box is not None for box in d.get("erase", ())):
             out = x.clone()
         if not (row == np.arange(len(x))).all():
             out = out.index_select(0, torch.from_numpy(row))  # back in the batch's order
