@@ -5,7 +5,8 @@ in-memory batch (model-only throughput) and (b) the real loop -- next batch from
 loader (with the stage's per-image policy), normalise, mix (the stage's mixup/cutmix), ``train_step``
 -- on the same Trainer. In-memory sources run the loop twice: as training does (the next batch made
 by a background thread during the step: "ahead") and with each batch made in the step ("in step").
-Prints images/s and the ratio to model-only (target: loop >= 0.95 x model-only).
+Prints images/s and the ratio of the medians to model-only (target: loop >= 0.95 x model-only), and
+the median of each round's ratio ("paired").
 
     python benchmarks/loop_vs_model.py recipes/cifar10-progressive.yaml --set data.root=/path/to/cifar10
     python benchmarks/loop_vs_model.py recipes/cifar10-progressive.yaml --set data.root=/path/to/cifar10 \
@@ -59,9 +60,16 @@ def main() -> None:
                 rates[name].append(n / (time.perf_counter() - start))
         m = statistics.median(rates["model"])
         loop = ", ".join(f"loop ({name}) {statistics.median(rates[name]):.0f} img/s = "
-                         f"{statistics.median(rates[name]) / m:.3f}" for name in loops)
+                         f"{statistics.median(rates[name]) / m:.3f} (paired {paired(rates[name], rates['model']):.3f})"
+                         for name in loops)
         print(f"stage {k} ({stage.resolution}px, batch {stage.batch_size}): model only {m:.0f} img/s, {loop}",
               flush=True)
+
+def paired(loop: list[float], model: list[float]) -> float:
+    """The median over rounds of each round's loop rate over the model-only rate measured just before
+    it: drifts of the machine's speed between rounds cancel."""
+    return statistics.median(a / b for a, b in zip(loop, model))
+
 
 def endless(make):
     """The batches of ``make()``, started again whenever they run out."""
