@@ -288,6 +288,11 @@ def test_the_airbench_recipe_plans_and_names_its_keys(capsys):
     assert cadence_main(["plan", f"{ROOT}/recipes/cifar10-airbench.yaml"]) == 0
     out = capsys.readouterr().out
     assert "476" in out and "flip alternate" in out
+    # what the curves do not show, in words: the groups, lookahead, the six views
+    assert ("parameter groups: norm_weight frozen; norm_bias lr x64, weight decay 2.079e-05; whiten_bias for the "
+            "first 3 epoch(s), weight decay 0.00133\n") in out
+    assert "lookahead: every 5 steps the weights move to their average, decay 0.7738 x progress^3\n" in out
+    assert "optimizer: sgd nesterov, weight decay 0.00133" in out and "flip-translate (6 views)" in out
     recipe = load_recipe(f"{ROOT}/recipes/cifar10-airbench.yaml")
     assert recipe.optimizer.groups.norm_bias.lr == 64 and recipe.train.lookahead is not None
     assert math.isclose(recipe.optimizer.lr * recipe.optimizer.groups.norm_bias.weight_decay * 64,

@@ -476,7 +476,7 @@ def test_plan_marks_an_ema_whose_horizon_reaches_back_before_the_final_lr_decay(
     for ema, past in (("8 epochs", True), ("2 epochs", False)):
         path = write_recipe(tmp_path, {**raw, "train": {"ema": ema}})
         assert cadence_main(["plan", path]) == 0
-        line = capsys.readouterr().out.strip().splitlines()[-1]
+        line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("weight EMA:"))
         assert line.startswith("weight EMA: decay") and ("PAST the final LR decay" in line) == past, line
 
 

@@ -37,6 +37,7 @@ def cmd_plan(args) -> int:
         print(f"optimizer.lr is auto: the LRs below are multiples of the peak the range test ({rt.steps} steps, "
               f"LR {rt.start:g} to {rt.end:g}, on stage 0) will choose")
     print(report.plan_table(timeline))
+    print("\n".join(report.training_lines(recipe)))
     if args.measure or args.memory_limit:
         from cadence import measure
 

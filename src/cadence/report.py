@@ -170,6 +170,27 @@ def plan_table(timeline: Timeline) -> str:
     return "\n".join(out)
 
 
+def training_lines(recipe) -> list[str]:
+    """What ``cadence plan`` says beside the table about the optimizer, its parameter groups, lookahead
+    and test-time augmentation: the keys a plan's curves do not show."""
+    o, tr = recipe.optimizer, recipe.train
+    opt = f"optimizer: {o.name}" + (" nesterov" if o.nesterov and o.name == "sgd" else "")
+    opt += f", weight decay {o.weight_decay:.4g}" + ("" if o.decay_norm_and_bias else " (not on norms and biases)")
+    groups = []
+    for kind, g in o.groups.set().items():
+        what = ["frozen"] if g.frozen else [f"lr x{g.lr:g}"] if g.lr != 1 else []
+        what += [f"for the first {g.epochs} epoch(s)"] if g.epochs else []
+        what += [f"weight decay {g.weight_decay:.4g}"] if g.weight_decay is not None else []
+        groups.append(f"{kind} " + ", ".join(what or ["as the rest"]))
+    lines = [opt] + (["parameter groups: " + "; ".join(groups)] if groups else [])
+    if (la := tr.lookahead) is not None:
+        lines.append(f"lookahead: every {la.every} steps the weights move to their average, "
+                     f"decay {la.decay:.4g} x progress^{la.power:g}")
+    if tr.tta != "none":
+        lines.append(f"evaluation: test-time augmentation {tr.tta} ({6 if tr.tta == 'flip-translate' else 2} views)")
+    return lines
+
+
 def ema_note(t: Timeline) -> str | None:
     """One line on the weight EMA: its decay and how far back the final average reaches, marked when
     that is before the final LR decay begins (the average then still holds weights from before it)."""
