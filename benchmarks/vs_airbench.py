@@ -28,9 +28,10 @@ with SIGCONT: process CPU time does not count a stopped process. Stopping cadenc
 
     python benchmarks/vs_airbench.py --airbench ~/cifar10-airbench/legacy/airbench94.py \\
         --data /data/cifar10 --recipe recipes/cifar10-airbench.yaml --seeds 0 1 2
-Another cadence recipe against the same airbench runs: give it a ``--name`` (its runs are
-``OUT/NAME-seedN``); run it beside a fresh airbench run, or train it alone on a core while airbench
-runs on the other and read both with ``--collect``.
+Another cadence recipe (or an ablation: ``--set``) against the same airbench runs: give it a
+``--name`` (its runs are ``OUT/NAME-seedN``) and ``--cadence-only``, which trains it alone on the
+second core and reads it against the airbench log of each seed already in OUT (or train it by hand
+and read it with ``--collect``).
 """
 
 from __future__ import annotations
@@ -179,14 +180,20 @@ def main() -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="both contenders")
     p.add_argument("--curve", action="store_true", help="evaluate both (with TTA, untimed) after every epoch")
     p.add_argument("--out", default="vs-airbench")
+    p.add_argument("--cadence-only", action="store_true", help="train cadence alone (on the second core) and read it "
+                   "against the airbench run already logged in --out for each seed: an ablation or another recipe")
     p.add_argument("--collect", action="store_true", help="run nothing: read each seed's finished airbench log and "
                    "cadence run in --out (after a cadence run stopped at a checkpoint was continued with --resume)")
     a = p.parse_args()
-    if not a.collect and not (a.airbench and a.data):
-        p.error("--airbench and --data are required (unless --collect)")
+    if not a.collect and not (a.data and (a.airbench or a.cadence_only)):
+        p.error("--airbench and --data are required (--cadence-only: --data; --collect: neither)")
     out = os.path.abspath(a.out)
     bench = os.path.join(out, "airbench")
-    if not a.collect:
+    if a.cadence_only or a.collect:
+        for seed in a.seeds:
+            if not os.path.exists(os.path.join(out, f"airbench-seed{seed}.log")):
+                p.error(f"no airbench run for seed {seed} in {out}: run the pair first")
+    else:
         os.makedirs(bench, exist_ok=True)
         with open(a.airbench) as f:
             script = port(f.read())
@@ -210,15 +217,17 @@ def main() -> None:
         if a.collect:  # the pair ran earlier; cadence's part may have been continued from a checkpoint
             whole = {"airbench": None, "cadence": None}
         else:
-            procs = {"airbench": launch([sys.executable, "airbench94_cpu.py"], cores[0],
-                                        os.path.join(out, f"airbench-seed{seed}.log"),
-                                        {"SEED": str(seed), "BF16": str(int(a.precision == "bf16")),
-                                         "CURVE": str(int(a.curve))}, cwd=bench),
-                     "cadence": launch(cadence_cmd, cores[1], os.path.join(out, f"{a.name}-seed{seed}.log"), {})}
-            whole = wait_all(procs)
-            if procs["airbench"].returncode == 0 and procs["cadence"].returncode in PAUSED:
+            procs = {"cadence": launch(cadence_cmd, cores[1], os.path.join(out, f"{a.name}-seed{seed}.log"), {})}
+            if not a.cadence_only:
+                procs["airbench"] = launch([sys.executable, "airbench94_cpu.py"], cores[0],
+                                           os.path.join(out, f"airbench-seed{seed}.log"),
+                                           {"SEED": str(seed), "BF16": str(int(a.precision == "bf16")),
+                                            "CURVE": str(int(a.curve))}, cwd=bench)
+            whole = {"airbench": None, **wait_all(procs)}
+            airbench_done = a.cadence_only or procs["airbench"].returncode == 0
+            if procs["cadence"].returncode in PAUSED and airbench_done:
                 sys.exit(f"vs_airbench: cadence (seed {seed}) stopped at a checkpoint (its training CPU is in it); "
-                         f"airbench finished. Continue cadence alone on its core: OMP_NUM_THREADS=1 taskset -c "
+                         f"airbench's run is whole. Continue cadence alone on its core: OMP_NUM_THREADS=1 taskset -c "
                          f"{cores[1]} {sys.executable} -m cadence train --resume {run_dir} --quiet; then run this "
                          "command again with --collect")
             for name, proc in procs.items():

@@ -346,3 +346,17 @@ def test_the_side_by_side_script_collects_a_named_recipe_against_the_same_airben
         ("cadence", 0.9070, 6700.0), ("fast", 0.9090, 6700.0)]
     bad = subprocess.run([sys.executable, script, "--seeds", "0", "--out", str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode == 2 and "--airbench and --data are required" in bad.stderr
+    # --cadence-only: trains the named recipe alone, pinned, then reads it against that airbench run
+    from helpers import TINY, write_recipe
+
+    tiny = write_recipe(tmp_path, TINY)
+    core = str(min(os.sched_getaffinity(0)))  # a core this test may use
+    out = subprocess.run([sys.executable, script, "--cadence-only", "--name", "tiny", "--recipe", tiny, "--data",
+                          str(tmp_path), "--seeds", "0", "--cores", core, core, "--out", str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout
+    tiny_run = json.loads((tmp_path / "results.json").read_text())[-1]
+    assert tiny_run["name"] == "tiny" and tiny_run["airbench"]["acc"] == 0.9084 and tiny_run["cadence"]["process_cpu"] > 0
+    assert f"cadence  top-1 {100 * tiny_run['cadence']['acc']:.2f}%" in out
+    none = subprocess.run([sys.executable, script, "--cadence-only", "--data", str(tmp_path), "--seeds", "1", "--out",
+                           str(tmp_path)], capture_output=True, text=True)
+    assert none.returncode == 2 and "no airbench run for seed 1" in none.stderr
