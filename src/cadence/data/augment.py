@@ -393,9 +393,10 @@ class ImagePolicy:
         of operation are one slice (:func:`_grouped`; one gather back at the end), and each kind runs
         once on its slice: the geometric operations (shears, translations, rotations: nearest-neighbour
         resampling) as one gather through each drawn operation's map of source pixels (made once by
-        torchvision's own operation on an image of pixel indices); the colour blends (the policy's Brightness, Color,
-        Contrast, Sharpness and the jitter's steps), Posterize and Solarize with a factor, mask or
-        threshold per image; any other operation once per magnitude. Then erasing, box by box."""
+        torchvision's own operation on an image of pixel indices); the colour blends (the policy's
+        Brightness, Color, Contrast, Sharpness and the jitter's steps), Posterize and Solarize with a
+        factor, mask or threshold per image; any other operation once per magnitude. Then erasing,
+        box by box."""
         if not self:
             return x
         d = self.draw(keys, *x.shape[-2:])
