@@ -230,10 +230,13 @@ def main() -> None:
                          f"airbench's run is whole. Continue cadence alone on its core: OMP_NUM_THREADS=1 taskset -c "
                          f"{cores[1]} {sys.executable} -m cadence train --resume {run_dir} --quiet; then run this "
                          "command again with --collect")
+            logs = {"airbench": "airbench", "cadence": a.name}
             for name, proc in procs.items():
                 if proc.returncode:
-                    sys.exit(f"vs_airbench: {name} (seed {seed}) exited {proc.returncode}: see {out}/{a.name if name == 'cadence' else name}-seed{seed}.log")
-        r = {"name": a.name, "recipe": a.recipe, "sets": a.sets, "seed": seed, "wall": None if a.collect else time.time() - started,
+                    sys.exit(f"vs_airbench: {name} (seed {seed}) exited {proc.returncode}: "
+                             f"see {out}/{logs[name]}-seed{seed}.log")
+        r = {"name": a.name, "recipe": a.recipe, "sets": a.sets, "seed": seed,
+             "wall": None if a.collect else time.time() - started,
              "airbench": airbench_result(os.path.join(out, f"airbench-seed{seed}.log")), "cadence": cadence_result(run_dir)}
         for name in ("airbench", "cadence"):
             r[name]["process_cpu"] = whole[name]
