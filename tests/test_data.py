@@ -48,6 +48,29 @@ def test_batch_crop_flip_equals_torchvision_pad_crop_flip():
     ref = F.resize(out, [20, 20], antialias=True)
     assert small.dtype == torch.uint8 and small.shape == (64, 3, 20, 20)
     assert (small.float() - ref.float()).abs().max() <= 1.0  # torch's uint8 and float kernels: rounding
+    # from a set, by index: the channels-last gather (a decoded folder's layout) and the other give the same
+    pick = torch.tensor([5, 0, 63, 5, 17] * 12 + [1, 2, 3, 4])
+    for images in (x, x.contiguous(memory_format=torch.channels_last)):
+        for res, whole in ((32, out), (20, small)):
+            got = data.augment_batch(images, keys, native=32, flip=True, resolution=res, index=pick)
+            assert torch.equal(got, data.augment_batch(x[pick], keys, native=32, flip=True, resolution=res))
+            assert got.is_contiguous(memory_format=torch.contiguous_format if res == 32 else torch.channels_last)
+        assert torch.equal(data.augment_batch(images, keys, native=32, flip=True, resolution=20), whole)
+
+
+def test_normalizer_is_the_closed_form_in_the_layout_asked_and_leaves_its_input_alone():
+    source = data.Source(None, None, num_classes=2, channels=3, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26),
+                         native_size=8)
+    x = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    mean, std = torch.tensor(source.mean).view(1, 3, 1, 1) * 255, torch.tensor(source.std).view(1, 3, 1, 1) * 255
+    for images in (x, x.contiguous(memory_format=torch.channels_last)):
+        for cl in (False, True):
+            out = data.normalizer(source, torch.device("cpu"), cl)(images)
+            assert out.dtype == torch.float32 and torch.equal(out, (x.float() - mean) / std)
+            assert out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    f = x.float()
+    data.normalizer(source, torch.device("cpu"))(f)
+    assert torch.equal(f, x.float())  # a float batch is not normalised in place
 
 
 def test_batch_draws_have_randomcrop_and_flip_statistics():

@@ -97,13 +97,14 @@ class BatchMixer:
         if mix.kind is None or len(labels) == 0:
             return x, Targets(labels, smoothing=self.reg.label_smoothing)
         n = len(labels)
-        partner = (torch.arange(n, device=labels.device) + n // 2) % n
+        partner = (torch.arange(n, device=labels.device) + n // 2) % n  # = a roll of the batch by -n/2
         if mix.kind == "mixup":
-            x = x * mix.lam + x[partner] * (1 - mix.lam)
+            x = (x * mix.lam).add_(x.roll(-(n // 2), 0).mul_(1 - mix.lam))
         else:
             top, bottom, left, right = mix.box
+            patch = x[..., top:bottom, left:right].roll(-(n // 2), 0)
             x = x.clone()
-            x[..., top:bottom, left:right] = x[partner][..., top:bottom, left:right]
+            x[..., top:bottom, left:right] = patch
         return x, Targets(labels, labels[partner], mix.lam, self.reg.label_smoothing)
 
 

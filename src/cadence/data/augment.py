@@ -47,14 +47,20 @@ def forced_flips(mode: str, seed: int, epoch: int, indices) -> np.ndarray | None
     return coin.astype(bool) ^ bool(epoch % 2)
 
 
-def augment_batch(x: torch.Tensor, keys: np.ndarray, *, native: int, flip: bool, resolution: int,
-                  pad: int | None = None, flips: np.ndarray | None = None) -> torch.Tensor:
+def augment_batch(images: torch.Tensor, keys: np.ndarray, *, native: int, flip: bool, resolution: int,
+                  pad: int | None = None, flips: np.ndarray | None = None,
+                  index: torch.Tensor | None = None) -> torch.Tensor:
     """Pad-crop (reflect, ``pad`` px: default native/8), optional horizontal flip and resize of a
-    uint8 batch (N, C, native, native), as one gather (each output pixel's source) and one interpolation.
-    Image ``i``'s crop and flip come from ``keys[i]`` alone (or its flip from ``flips[i]``), so an
-    image is augmented the same way whichever batch or rank it lands in. Returns uint8 (the
-    normaliser makes it float on the device: a quarter of the bytes to move)."""
-    n, c = x.shape[:2]
+    uint8 batch (N, C, native, native) -- or of images ``index`` of a set, gathered in the same step --
+    as one gather (each output pixel's source) and one interpolation. Image ``i``'s crop and flip come
+    from ``keys[i]`` alone (or its flip from ``flips[i]``), so an image is augmented the same way
+    whichever batch or rank it lands in. Returns uint8 (the normaliser makes it float on the device: a
+    quarter of the bytes to move): channels-last when resized (torch's uint8 resize works in that
+    layout), else contiguous.
+
+    Images held channels-last (a decoded image folder is) are gathered a pixel (all its channels) at
+    a time straight from the set: no copy of the batch, no change of layout before the resize."""
+    n, c = len(keys), images.shape[1]
     pad = max(native // 8, 1) if pad is None else pad
     dy, dx, fl = crop_flip_draws(keys, max(pad, 1))
     if pad == 0:
@@ -66,9 +72,26 @@ def augment_batch(x: torch.Tensor, keys: np.ndarray, *, native: int, flip: bool,
     cols = _reflect(dx[:, None] + ar - pad, native)
     if flip:
         cols = torch.where(fl[:, None], cols.flip(1), cols)
-    source = (rows[:, :, None] * native + cols[:, None, :]).view(n, 1, native * native)  # flat source pixel
-    out = x.reshape(n, c, native * native).gather(2, source.expand(n, c, native * native))
-    return resize_batch(out.view(n, c, native, native), resolution, torch.uint8)
+    source = (rows[:, :, None] * native + cols[:, None, :]).view(n, native * native)  # flat source pixel
+    pixels = images.permute(0, 2, 3, 1)
+    if pixels.is_contiguous():  # channels-last: one row (a pixel's channels) per output pixel
+        first = torch.arange(n) if index is None else index
+        source += first[:, None] * (native * native)
+        out = pixels.reshape(-1, c).index_select(0, source.view(-1)).view(n, native, native, c).permute(0, 3, 1, 2)
+    else:
+        x = images if index is None else images[index]
+        out = x.reshape(n, c, native * native).gather(2, source[:, None, :].expand(n, c, native * native))
+        out = out.view(n, c, native, native)
+    if out.shape[-1] == resolution:
+        return nchw(out)
+    return resize_batch(out, resolution, torch.uint8)
+
+
+def nchw(x: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor in contiguous (N, C, H, W) layout. numpy's strided copy: for a channels-last uint8
+    batch about 3x faster than torch's ``contiguous()`` here (0.4 against 1.4 ms, 512 x 3 x 24 x 24),
+    and on the calling thread only."""
+    return x if x.is_contiguous() else torch.from_numpy(np.ascontiguousarray(x.numpy()))
 
 
 def _reflect(i: torch.Tensor, size: int) -> torch.Tensor:
@@ -400,6 +423,8 @@ class ImagePolicy:
         if not self:
             return x
         d = self.draw(keys, *x.shape[-2:])
+        if self.jitter is not None or self.policy is not None:
+            x = nchw(x)  # the regrouping gathers copy whole images: fast in this layout, slow channels-last
         out, row = x, np.arange(len(x))  # row[i]: where image i is in ``out``
         if self.jitter is not None:  # four rounds; in each, every image's k-th jitter step
             order, factors = d["jitter"]["order"], d["jitter"]["factors"]
@@ -491,7 +516,7 @@ def normalizer(source: Source, device: torch.device, channels_last: bool = False
     fmt = torch.channels_last if channels_last else torch.contiguous_format
 
     def prep(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(device, non_blocking=True).float()
-        return ((x - mean) / std).contiguous(memory_format=fmt)
+        x = x.to(device, non_blocking=True).to(torch.float32, memory_format=fmt, copy=True)  # ours: in place after
+        return x.sub_(mean).div_(std)
 
     return prep

@@ -49,7 +49,7 @@ class MemoryLoader:
             idx = indices[b: b + self.local]
             if len(idx) < self.local and self.drop_last:
                 return
-            x = augment_batch(data_.images[idx], keys[b: b + self.local], native=self.source.native_size,
+            x = augment_batch(data_.images, keys[b: b + self.local], index=idx, native=self.source.native_size,
                               flip=self.source.flip, resolution=self.resolution, pad=self.translate,
                               flips=None if flips is None else flips[b: b + self.local])
             if self.policy:
