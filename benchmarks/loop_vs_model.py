@@ -41,23 +41,17 @@ def main() -> None:
         if a.stages is not None and k not in a.stages:
             continue
         epoch = t.epoch[t.stage_starts[k]]
-        loops = {"ahead": endless(lambda: iter(trainer.loader(k, epoch)))}  # as training runs
+        loops = {"ahead": lambda: iter(trainer.loader(k, epoch))}  # as training runs
         if hasattr(trainer.loader(k, epoch), "_batches"):  # in memory: also made in the step, for comparison
-            loops["in step"] = endless(lambda: trainer.loader(k, epoch)._batches())
-        x0, y0 = next(loops["ahead"])
+            loops["in step"] = lambda: trainer.loader(k, epoch)._batches()
+        x0, y0 = next(loops["ahead"]())
         fixed = trainer.parts.normalize(x0), y0
         trainer.train_step(*fixed)  # warm-up at this size
         rates: dict[str, list[float]] = {"model": [], **{name: [] for name in loops}}
         for _ in range(a.rounds):
             rates["model"].append(fixed_batch_rate(trainer, k, fixed, a.steps))
-            for name, loader in loops.items():
-                trainer.parts.scheduler.last_epoch = t.stage_starts[k]
-                start, n = time.perf_counter(), 0
-                for i in range(a.steps):
-                    x, y = next(loader)
-                    trainer.train_step(*trainer.mixers[k](trainer.parts.normalize(x), y, t.stage_starts[k] + i))
-                    n += len(y)
-                rates[name].append(n / (time.perf_counter() - start))
+            for name, make in loops.items():
+                rates[name].append(loop_rate(trainer, k, make(), a.steps))
         m = statistics.median(rates["model"])
         loop = ", ".join(f"loop ({name}) {statistics.median(rates[name]):.0f} img/s = "
                          f"{statistics.median(rates[name]) / m:.3f} (paired {paired(rates[name], rates['model']):.3f})"
@@ -71,10 +65,23 @@ def paired(loop: list[float], model: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(loop, model))
 
 
-def endless(make):
-    """The batches of ``make()``, started again whenever they run out."""
-    while True:
-        yield from make()
+def loop_rate(trainer: train.Trainer, k: int, batches, steps: int) -> float:
+    """images/s of ``steps`` steps of the real loop at stage ``k``, in steady state: the round starts
+    with one batch in hand (untimed), and each timed step ends by taking the next batch -- made during
+    the step (ahead) or then (in step) -- so the timed window makes exactly ``steps`` batches. The
+    batches are closed after the clock stops: a thread making batches ahead stops before the next
+    model-only round, which it would otherwise share the cores with."""
+    start_step = trainer.parts.scheduler.last_epoch = trainer.timeline.stage_starts[k]
+    x, y = next(batches)
+    start, n = time.perf_counter(), 0
+    for i in range(steps):
+        trainer.train_step(*trainer.mixers[k](trainer.parts.normalize(x), y, start_step + i))
+        n += len(y)
+        x, y = next(batches)
+    rate = n / (time.perf_counter() - start)
+    if hasattr(batches, "close"):
+        batches.close()
+    return rate
 
 
 if __name__ == "__main__":
