@@ -84,9 +84,7 @@ def build_setup(recipe: Recipe, recipe_file: str | None = None) -> Setup:
         if recipe.model.whiten and source.native_size is None:
             raise FieldError("model.whiten", True, "is set from in-memory images (cifar10, synthetic, digits), "
                              f"not from {recipe.data.source} files")
-        if recipe.optimizer.groups.whiten_bias is not None and not recipe.model.whiten:
-            raise FieldError("optimizer.groups.whiten_bias", "set", "but the model has no whitening stem "
-                             "(model.whiten: true, fastnet)")
+        check_groups(recipe, source)
         if not source.flip:
             for k, r in enumerate(recipe.stage_regularization()):
                 if r.flip != "random":
@@ -103,6 +101,23 @@ def build_setup(recipe: Recipe, recipe_file: str | None = None) -> Setup:
     if device.type == "cpu":
         keep_freed_memory()
     return Setup(recipe, source, timeline, device, dist=place)
+
+
+def check_groups(recipe: Recipe, source: data.Source) -> None:
+    """Each parameter group the recipe sets names a kind of parameter its model has (a group of none
+    would change nothing, silently: fastnet has no plain biases, only a whitening stem has a
+    whiten_bias). The model is built on the meta device: no memory, no initialisation."""
+    own = recipe.optimizer.groups.set()
+    if not own:
+        return
+    with torch.device("meta"):
+        model = models.build_model(recipe.model, source.num_classes, source.channels)
+    have = sorted({kind for kind, _ in models.parameter_kinds(model)})
+    for kind in own:
+        if kind not in have:
+            hint = " (a whitening stem's: model.whiten: true, fastnet)" if kind == "whiten_bias" else ""
+            raise FieldError(f"optimizer.groups.{kind}", "set", f"but {recipe.model.arch} has no {kind} "
+                             f"parameters{hint}; it has {', '.join(have)}")
 
 
 @dataclass
