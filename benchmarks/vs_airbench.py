@@ -167,6 +167,11 @@ def reach(curve: list[tuple[float, float]], target: float) -> float | None:
     return next((cpu for cpu, acc in curve if acc >= target), None)
 
 
+def log_of(out: str, who: str, seed: int) -> str:
+    """Where a contender's run of a seed logs: ``OUT/airbench-seedN.log``, ``OUT/NAME-seedN.log``."""
+    return os.path.join(out, f"{who}-seed{seed}.log")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--airbench", help="path of legacy/airbench94.py in a cifar10-airbench checkout")
@@ -191,7 +196,7 @@ def main() -> None:
     bench = os.path.join(out, "airbench")
     if a.cadence_only or a.collect:
         for seed in a.seeds:
-            if not os.path.exists(os.path.join(out, f"airbench-seed{seed}.log")):
+            if not os.path.exists(log_of(out, "airbench", seed)):
                 p.error(f"no airbench run for seed {seed} in {out}: run the pair first")
     else:
         os.makedirs(bench, exist_ok=True)
@@ -217,10 +222,9 @@ def main() -> None:
         if a.collect:  # the pair ran earlier; cadence's part may have been continued from a checkpoint
             whole = {"airbench": None, "cadence": None}
         else:
-            procs = {"cadence": launch(cadence_cmd, cores[1], os.path.join(out, f"{a.name}-seed{seed}.log"), {})}
+            procs = {"cadence": launch(cadence_cmd, cores[1], log_of(out, a.name, seed), {})}
             if not a.cadence_only:
-                procs["airbench"] = launch([sys.executable, "airbench94_cpu.py"], cores[0],
-                                           os.path.join(out, f"airbench-seed{seed}.log"),
+                procs["airbench"] = launch([sys.executable, "airbench94_cpu.py"], cores[0], log_of(out, "airbench", seed),
                                            {"SEED": str(seed), "BF16": str(int(a.precision == "bf16")),
                                             "CURVE": str(int(a.curve))}, cwd=bench)
             whole = {"airbench": None, **wait_all(procs)}
@@ -234,10 +238,10 @@ def main() -> None:
             for name, proc in procs.items():
                 if proc.returncode:
                     sys.exit(f"vs_airbench: {name} (seed {seed}) exited {proc.returncode}: "
-                             f"see {out}/{logs[name]}-seed{seed}.log")
+                             f"see {log_of(out, logs[name], seed)}")
         r = {"name": a.name, "recipe": a.recipe, "sets": a.sets, "seed": seed,
              "wall": None if a.collect else time.time() - started,
-             "airbench": airbench_result(os.path.join(out, f"airbench-seed{seed}.log")), "cadence": cadence_result(run_dir)}
+             "airbench": airbench_result(log_of(out, "airbench", seed)), "cadence": cadence_result(run_dir)}
         for name in ("airbench", "cadence"):
             r[name]["process_cpu"] = whole[name]
         other = {"airbench": "cadence", "cadence": "airbench"}
