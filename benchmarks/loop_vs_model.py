@@ -3,8 +3,9 @@
 For each stage resolution of a recipe, alternating rounds of (a) ``train_step`` on one fixed
 in-memory batch (model-only throughput) and (b) the real loop -- next batch from cadence's
 loader (with the stage's per-image policy), normalise, mix (the stage's mixup/cutmix), ``train_step``
--- on the same Trainer. In-memory sources run the loop twice: as training does (the next batch made
-by a background thread during the step: "ahead") and with each batch made in the step ("in step").
+-- on the same Trainer. In-memory sources run the loop two ways: the next batch made by a background
+thread during the step ("ahead": training on an accelerator) and each batch made in the step ("in
+step": training on the CPU, where the model's threads already have every core).
 Prints images/s and the ratio of the medians to model-only (target: loop >= 0.95 x model-only), and
 the median of each round's ratio ("paired").
 
@@ -21,6 +22,7 @@ import statistics
 import time
 
 from cadence import parts, train
+from cadence.data import loaders
 from cadence.recipe import load_recipe
 from step_speed import fixed_batch_rate  # the same timed fixed-batch steps
 
@@ -41,10 +43,11 @@ def main() -> None:
         if a.stages is not None and k not in a.stages:
             continue
         epoch = t.epoch[t.stage_starts[k]]
-        loops = {"ahead": lambda: iter(trainer.loader(k, epoch))}  # as training runs
-        if hasattr(trainer.loader(k, epoch), "_batches"):  # in memory: also made in the step, for comparison
-            loops["in step"] = lambda: trainer.loader(k, epoch)._batches()
-        x0, y0 = next(loops["ahead"]())
+        loops = {"as training runs": lambda: iter(trainer.loader(k, epoch))}
+        if hasattr(trainer.loader(k, epoch), "_batches"):  # in memory: both ways, whichever training uses here
+            loops = {"ahead": lambda: loaders.ahead(trainer.loader(k, epoch)._batches()),
+                     "in step": lambda: trainer.loader(k, epoch)._batches()}
+        x0, y0 = next(next(iter(loops.values()))())
         fixed = trainer.parts.normalize(x0), y0
         trainer.train_step(*fixed)  # warm-up at this size
         rates: dict[str, list[float]] = {"model": [], **{name: [] for name in loops}}

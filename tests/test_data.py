@@ -460,3 +460,23 @@ def test_batches_made_ahead_keep_their_order_raise_their_errors_and_stop_when_cl
     it.close()  # training stopped mid-epoch: the thread ends, having made at most depth + 1 more
     assert not any(t.name == "cadence-augment" for t in threading.enumerate())
     assert len(made) <= 3 + 2 + 1
+
+
+def test_in_memory_batches_are_made_ahead_only_for_an_accelerator():
+    """On the CPU the model's threads have every core: each batch is made in the step. For a GPU a
+    thread makes the next one during the step. The batches are the same."""
+    import threading
+
+    source = data.load_source(DataConfig(source="synthetic", samples=64, val_samples=8, image_size=16, num_classes=4))
+    cfg = DataConfig(source="synthetic")
+    stage = Stage(epochs=1, resolution=12, batch_size=16)
+    made = {}
+    for device in ("cpu", torch.device("cuda")):  # (nothing here runs on the GPU: the loader works on the CPU)
+        it = iter(data.TrainData(source, cfg, seed=2, device=device).epoch(stage, 1, 64))
+        first = next(it)
+        threads = any(t.name == "cadence-augment" for t in threading.enumerate())
+        assert threads == (device != "cpu"), device
+        made[str(device)] = [first] + list(it)
+    assert len(made["cpu"]) == 4
+    for (x, y), (x2, y2) in zip(made["cpu"], made["cuda"]):
+        assert torch.equal(x, x2) and torch.equal(y, y2)

@@ -261,7 +261,7 @@ def range_test_stage(setup, parts, stage: int = 0, *, start: float = 1e-6, end: 
     st, reg = r.stages[stage], t.regularization[stage]
     mixer, steps_done = BatchMixer(reg, r.seed), [0]
     train_data = data.TrainData(setup.source, r.data, seed=r.seed, rank=setup.dist.rank, world=setup.dist.world,
-                                pin_memory=setup.device.type == "cuda")
+                                device=setup.device)
     n = epoch_samples(len(setup.source.train), st.data_fraction)
 
     def step(x, y):  # trains as the stage does: its augmentation, mixing (keyed like the plan's first steps)

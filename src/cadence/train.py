@@ -61,7 +61,7 @@ class Trainer:
         self.rank, self.world, self.main = setup.dist.rank, setup.dist.world, setup.dist.main
         r = self.recipe
         self.data = train_data or data.TrainData(self.source, r.data, seed=r.seed, rank=self.rank, world=self.world,
-                                                 pin_memory=self.device.type == "cuda")
+                                                 device=self.device)
         self.bad = BadImages(self.run)  # unreadable files met while training (this process)
         self.data.on_bad = self.bad.note
         self.guard = NonFiniteGuard(r.train.on_nonfinite, self.device, self.timeline, r.train.precision)
