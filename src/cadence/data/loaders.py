@@ -35,7 +35,7 @@ class MemoryLoader:
     a model on an accelerator, whose step leaves the CPU idle. A model on the CPU already has every
     core (torch's threads): a thread beside it takes a core from one of them in the middle of its
     parallel work, which then waits for it at the next barrier, so each batch is made in the step
-    instead (benchmarks/loop_vs_model.py: on 2 cores, 3-8 points of throughput better)."""
+    instead (benchmarks/loop_vs_model.py, 2 cores: 1-9 points of throughput better, 5-9 in most rounds)."""
 
     def __init__(self, source: Source, resolution: int, sampler: EpochSampler, local_batch: int, drop_last: bool,
                  regularization: Regularization = DEFAULTS, made_ahead: bool = False):
