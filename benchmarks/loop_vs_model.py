@@ -61,6 +61,9 @@ def main() -> None:
                          for name in loops)
         print(f"stage {k} ({stage.resolution}px, batch {stage.batch_size}): model only {m:.0f} img/s, {loop}",
               flush=True)
+    if hasattr(trainer.loader(0, 0), "_batches"):
+        print(f"(training on {trainer.device.type} makes its batches {'ahead' if trainer.data.made_ahead else 'in step'})")
+
 
 def paired(loop: list[float], model: list[float]) -> float:
     """The median over rounds of each round's loop rate over the model-only rate measured just before
