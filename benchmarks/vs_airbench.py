@@ -32,6 +32,11 @@ Another cadence recipe (or an ablation: ``--set``) against the same airbench run
 ``--name`` (its runs are ``OUT/NAME-seedN``) and ``--cadence-only``, which trains it alone on the
 second core and reads it against the airbench log of each seed already in OUT (or train it by hand
 and read it with ``--collect``).
+
+Each seed's figures go to ``--results`` (default ``OUT/results.json``). Runs of one seed take hours
+here and run directories do not outlive a session, so the project keeps its measurements in
+``benchmarks/figures/vs_airbench.json``: give that file as ``--results`` and seeds measured in other
+sessions count in the mean over seeds, and ``--cadence-only`` reads airbench's run of a seed from it.
 """
 
 from __future__ import annotations
@@ -172,6 +177,30 @@ def log_of(out: str, who: str, seed: int) -> str:
     return os.path.join(out, f"{who}-seed{seed}.log")
 
 
+def recorded(path: str) -> list[dict]:
+    """The results file: one entry per (name, seed), each with both contenders' figures."""
+    return json.load(open(path)) if os.path.exists(path) else []
+
+
+def record(path: str, r: dict) -> list[dict]:
+    """Adds ``r`` to the results file, replacing the entry of its (name, seed); read afresh each time,
+    so invocations that ran meanwhile into the same file (another --name, a --collect) are kept."""
+    key = lambda x: (x.get("name", "cadence"), x["seed"])  # noqa: E731
+    results = [x for x in recorded(path) if key(x) != key(r)] + [r]
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return results
+
+
+def airbench_of(out: str, results: str, seed: int) -> dict | None:
+    """airbench's run of a seed: read from its log in OUT, or, when that is gone (a run dir of another
+    session), from the results file's record of it; None if neither has it."""
+    if os.path.exists(log_of(out, "airbench", seed)):
+        return airbench_result(log_of(out, "airbench", seed))
+    return next((dict(x["airbench"]) for x in recorded(results) if x["seed"] == seed), None)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--airbench", help="path of legacy/airbench94.py in a cifar10-airbench checkout")
@@ -189,15 +218,19 @@ def main() -> None:
                    "against the airbench run already logged in --out for each seed: an ablation or another recipe")
     p.add_argument("--collect", action="store_true", help="run nothing: read each seed's finished airbench log and "
                    "cadence run in --out (after a cadence run stopped at a checkpoint was continued with --resume)")
+    p.add_argument("--results", help="the file each seed's figures are added to (default OUT/results.json); one kept "
+                   "with the project holds seeds measured in other sessions, and gives --cadence-only and --collect "
+                   "airbench's run of a seed whose log is gone")
     a = p.parse_args()
     if not a.collect and not (a.data and (a.airbench or a.cadence_only)):
         p.error("--airbench and --data are required (--cadence-only: --data; --collect: neither)")
     out = os.path.abspath(a.out)
+    saved = os.path.abspath(a.results or os.path.join(out, "results.json"))
     bench = os.path.join(out, "airbench")
     if a.cadence_only or a.collect:
         for seed in a.seeds:
-            if not os.path.exists(log_of(out, "airbench", seed)):
-                p.error(f"no airbench run for seed {seed} in {out}: run the pair first")
+            if airbench_of(out, saved, seed) is None:
+                p.error(f"no airbench run for seed {seed} in {out} or {saved}: run the pair first")
     else:
         os.makedirs(bench, exist_ok=True)
         with open(a.airbench) as f:
@@ -206,10 +239,7 @@ def main() -> None:
             f.write(script)
         if not os.path.exists(os.path.join(bench, "cifar10", "test.pt")):
             write_airbench_data(a.data, os.path.join(bench, "cifar10"))
-    saved = os.path.join(out, "results.json")  # seeds run earlier into the same --out are kept (a seed per session)
-    earlier = ([r for r in json.load(open(saved)) if (r.get("name", "cadence"), r["seed"]) not in
-                {(a.name, s) for s in a.seeds}] if os.path.exists(saved) else [])
-    results = []
+    os.makedirs(out, exist_ok=True)
     for i, seed in enumerate(a.seeds):
         cores = a.cores if i % 2 == 0 else a.cores[::-1]
         run_dir = os.path.join(out, f"{a.name}-seed{seed}")
@@ -241,15 +271,13 @@ def main() -> None:
                              f"see {log_of(out, logs[name], seed)}")
         r = {"name": a.name, "recipe": a.recipe, "sets": a.sets, "seed": seed,
              "wall": None if a.collect else time.time() - started,
-             "airbench": airbench_result(log_of(out, "airbench", seed)), "cadence": cadence_result(run_dir)}
+             "airbench": airbench_of(out, saved, seed), "cadence": cadence_result(run_dir)}
         for name in ("airbench", "cadence"):
-            r[name]["process_cpu"] = whole[name]
+            r[name]["process_cpu"] = whole[name] if whole[name] is not None else r[name].get("process_cpu")
         other = {"airbench": "cadence", "cadence": "airbench"}
         for name in ("airbench", "cadence"):
             r[name]["to_reach_other"] = reach(r[name]["curve"], r[other[name]]["acc"]) if a.curve else None
-        results.append(r)
-        with open(saved, "w") as f:
-            json.dump(earlier + results, f, indent=1)
+        results = record(saved, r)
         print(f"seed {seed} (airbench on core {cores[0]}, cadence on core {cores[1]}):", flush=True)
         for name in ("airbench", "cadence"):
             x = r[name]
@@ -258,7 +286,7 @@ def main() -> None:
             print(f"  {name:8s} top-1 {100 * x['acc']:.2f}%  training CPU {x['cpu']:.0f} s  "
                   f"(process {process})  to reach {other[name]}'s {100 * r[other[name]]['acc']:.2f}%: "
                   + (f"{t:.0f} s" if t is not None else "not reached" if a.curve else "(--curve)"), flush=True)
-    results = [r for r in earlier if r.get("name", "cadence") == a.name] + results
+    results = [r for r in recorded(saved) if r.get("name", "cadence") == a.name]
     if len(results) > 1:
         print(f"over {len(results)} seeds {sorted(r['seed'] for r in results)} (mean +- sd):")
         for name in ("airbench", "cadence"):

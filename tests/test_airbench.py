@@ -324,7 +324,8 @@ def test_the_side_by_side_script_lets_airbench_finish_when_cadence_stops_at_a_ch
 def test_the_side_by_side_script_collects_a_named_recipe_against_the_same_airbench_run(tmp_path):
     """``--collect --name``: a second cadence recipe read against an airbench run already logged; the
     training CPU and accuracy come from airbench's JSON lines (its final evaluation taken out) and
-    cadence's metrics, and the results file keeps each (name, seed) apart."""
+    cadence's metrics, and the results file keeps each (name, seed) apart; a results file kept apart
+    (``--results``) stands in for an airbench log that is gone."""
     import json
     import subprocess
     import sys
@@ -362,3 +363,12 @@ def test_the_side_by_side_script_collects_a_named_recipe_against_the_same_airben
     none = subprocess.run([sys.executable, script, "--cadence-only", "--data", str(tmp_path), "--seeds", "1", "--out",
                            str(tmp_path)], capture_output=True, text=True)
     assert none.returncode == 2 and "no airbench run for seed 1" in none.stderr
+    # another session: the run directories are gone, the results file kept with the project holds airbench's
+    # run of the seed, and a seed added to it keeps the others
+    kept = tmp_path / "kept.json"
+    kept.write_text((tmp_path / "results.json").read_text())
+    (tmp_path / "airbench-seed0.log").unlink()
+    again = subprocess.run([sys.executable, script, "--collect", "--name", "fast", "--seeds", "0", "--out", str(tmp_path),
+                            "--results", str(kept)], capture_output=True, text=True, check=True).stdout
+    assert "airbench top-1 90.84%  training CPU 6700 s" in again
+    assert [r["name"] for r in json.loads(kept.read_text())] == ["cadence", "tiny", "fast"]
