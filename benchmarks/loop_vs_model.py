@@ -43,10 +43,12 @@ def main() -> None:
         if a.stages is not None and k not in a.stages:
             continue
         epoch = t.epoch[t.stage_starts[k]]
+        if len(trainer.loader(k, epoch)) <= a.steps:
+            p.error(f"stage {k} has {len(trainer.loader(k, epoch))} batches an epoch: --steps must be fewer")
         loops = {"as training runs": lambda: iter(trainer.loader(k, epoch))}
-        if hasattr(trainer.loader(k, epoch), "_batches"):  # in memory: both ways, whichever training uses here
-            loops = {"ahead": lambda: loaders.ahead(trainer.loader(k, epoch)._batches()),
-                     "in step": lambda: trainer.loader(k, epoch)._batches()}
+        if in_memory(trainer):  # both ways, whichever training uses here
+            loops = {"ahead": lambda: iter(made(trainer.loader(k, epoch), ahead=True)),
+                     "in step": lambda: iter(made(trainer.loader(k, epoch), ahead=False))}
         x0, y0 = next(next(iter(loops.values()))())
         fixed = trainer.parts.normalize(x0), y0
         trainer.train_step(*fixed)  # warm-up at this size
@@ -61,8 +63,18 @@ def main() -> None:
                          for name in loops)
         print(f"stage {k} ({stage.resolution}px, batch {stage.batch_size}): model only {m:.0f} img/s, {loop}",
               flush=True)
-    if hasattr(trainer.loader(0, 0), "_batches"):
+    if in_memory(trainer):
         print(f"(training on {trainer.device.type} makes its batches {'ahead' if trainer.data.made_ahead else 'in step'})")
+
+
+def in_memory(trainer: train.Trainer) -> bool:
+    return isinstance(trainer.loader(0, 0), loaders.MemoryLoader)
+
+
+def made(loader: loaders.MemoryLoader, ahead: bool) -> loaders.MemoryLoader:
+    """The loader training uses, its batches made ahead (a thread) or in the step."""
+    loader.made_ahead = ahead
+    return loader
 
 
 def paired(loop: list[float], model: list[float]) -> float:

@@ -47,6 +47,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -182,23 +183,29 @@ def recorded(path: str) -> list[dict]:
     return json.load(open(path)) if os.path.exists(path) else []
 
 
+def precision_of(x: dict) -> str:
+    return x.get("precision", "fp32")  # records before it was recorded: fp32, the default
+
+
 def record(path: str, r: dict) -> list[dict]:
-    """Adds ``r`` to the results file, replacing the entry of its (name, seed); read afresh each time,
-    so invocations that ran meanwhile into the same file (another --name, a --collect) are kept."""
-    key = lambda x: (x.get("name", "cadence"), x["seed"])  # noqa: E731
+    """Adds ``r`` to the results file, replacing the entry of its (name, seed, precision); read afresh
+    each time, so invocations that ran meanwhile into the same file (another --name, a --collect) are
+    kept. Written whole under another name, then renamed over the file."""
+    key = lambda x: (x.get("name", "cadence"), x["seed"], precision_of(x))  # noqa: E731
     results = [x for x in recorded(path) if key(x) != key(r)] + [r]
-    with open(path + ".tmp", "w") as f:
+    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), suffix=".tmp", delete=False) as f:
         json.dump(results, f, indent=1)
-    os.replace(path + ".tmp", path)
+    os.replace(f.name, path)
     return results
 
 
-def airbench_of(out: str, results: str, seed: int) -> dict | None:
+def airbench_of(out: str, results: str, seed: int, precision: str) -> dict | None:
     """airbench's run of a seed: read from its log in OUT, or, when that is gone (a run dir of another
-    session), from the results file's record of it; None if neither has it."""
+    session), from the results file's record of it at the same precision; None if neither has it."""
     if os.path.exists(log_of(out, "airbench", seed)):
         return airbench_result(log_of(out, "airbench", seed))
-    return next((dict(x["airbench"]) for x in recorded(results) if x["seed"] == seed), None)
+    return next((dict(x["airbench"]) for x in recorded(results)
+                 if x["seed"] == seed and precision_of(x) == precision), None)
 
 
 def main() -> None:
@@ -229,7 +236,7 @@ def main() -> None:
     bench = os.path.join(out, "airbench")
     if a.cadence_only or a.collect:
         for seed in a.seeds:
-            if airbench_of(out, saved, seed) is None:
+            if airbench_of(out, saved, seed, a.precision) is None:
                 p.error(f"no airbench run for seed {seed} in {out} or {saved}: run the pair first")
     else:
         os.makedirs(bench, exist_ok=True)
@@ -271,13 +278,15 @@ def main() -> None:
                              f"see {log_of(out, logs[name], seed)}")
         r = {"name": a.name, "recipe": a.recipe, "sets": a.sets, "seed": seed,
              "wall": None if a.collect else time.time() - started,
-             "airbench": airbench_of(out, saved, seed), "cadence": cadence_result(run_dir)}
+             "precision": a.precision, "curve": a.curve,
+             "airbench": airbench_of(out, saved, seed, a.precision), "cadence": cadence_result(run_dir)}
         for name in ("airbench", "cadence"):
             r[name]["process_cpu"] = whole[name] if whole[name] is not None else r[name].get("process_cpu")
         other = {"airbench": "cadence", "cadence": "airbench"}
+        curves = a.curve and all(len(r[name]["curve"]) > 1 for name in other)  # not a record's final point
         for name in ("airbench", "cadence"):
-            r[name]["to_reach_other"] = reach(r[name]["curve"], r[other[name]]["acc"]) if a.curve else None
-        results = record(saved, r)
+            r[name]["to_reach_other"] = reach(r[name]["curve"], r[other[name]]["acc"]) if curves else None
+        record(saved, r)
         print(f"seed {seed} (airbench on core {cores[0]}, cadence on core {cores[1]}):", flush=True)
         for name in ("airbench", "cadence"):
             x = r[name]
@@ -285,8 +294,9 @@ def main() -> None:
             process = "collected" if x["process_cpu"] is None else f"{x['process_cpu']:.0f} s"
             print(f"  {name:8s} top-1 {100 * x['acc']:.2f}%  training CPU {x['cpu']:.0f} s  "
                   f"(process {process})  to reach {other[name]}'s {100 * r[other[name]]['acc']:.2f}%: "
-                  + (f"{t:.0f} s" if t is not None else "not reached" if a.curve else "(--curve)"), flush=True)
-    results = [r for r in recorded(saved) if r.get("name", "cadence") == a.name]
+                  + (f"{t:.0f} s" if t is not None else "not reached" if curves else "(--curve, both logged)"),
+                  flush=True)
+    results = [r for r in recorded(saved) if r.get("name", "cadence") == a.name and precision_of(r) == a.precision]
     if len(results) > 1:
         print(f"over {len(results)} seeds {sorted(r['seed'] for r in results)} (mean +- sd):")
         for name in ("airbench", "cadence"):

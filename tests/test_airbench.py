@@ -372,3 +372,6 @@ def test_the_side_by_side_script_collects_a_named_recipe_against_the_same_airben
                             "--results", str(kept)], capture_output=True, text=True, check=True).stdout
     assert "airbench top-1 90.84%  training CPU 6700 s" in again
     assert [r["name"] for r in json.loads(kept.read_text())] == ["cadence", "tiny", "fast"]
+    other = subprocess.run([sys.executable, script, "--collect", "--name", "fast", "--seeds", "0", "--out", str(tmp_path),
+                            "--results", str(kept), "--precision", "bf16"], capture_output=True, text=True)
+    assert other.returncode == 2 and "no airbench run for seed 0" in other.stderr  # fp32's is no bf16 run

@@ -245,7 +245,9 @@ class _Epoch:
 
 class TrainData:
     """Every epoch's batches for one rank, built once per run: in-memory sources are augmented in
-    batches, file sources go through one persistent DataLoader."""
+    batches, file sources go through one persistent DataLoader. ``device`` is where the model
+    trains: on the CPU in-memory batches are made in the step, on any other device ahead, by a
+    thread (:class:`MemoryLoader`); batches for CUDA come from pinned memory."""
 
     def __init__(self, source: Source, cfg: DataConfig, *, seed: int, rank: int = 0, world: int = 1,
                  device: torch.device | str = "cpu", on_bad=None):
