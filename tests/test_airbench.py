@@ -271,7 +271,7 @@ def test_bad_airbench_keys_exit_2_naming_file_field_and_value(tmp_path, capsys, 
     ({"optimizer": {**TINY["optimizer"], "groups": {"whiten_bias": {"epochs": 1}}}}, "whiten_bias",
      "no whiten_bias parameters .a whitening stem's"),
     ({"model": {"whiten": True}, "optimizer": {**TINY["optimizer"], "groups": {"bias": {"lr": 64}}}},
-     "optimizer.groups.bias", "fastnet has no bias parameters; it has norm_bias, norm_weight, weight, whiten_bias"),
+     "optimizer.groups.bias", "fastnet has no bias parameters; groups it has: norm_bias, norm_weight, whiten_bias"),
     ({"data": {"source": "imagefolder", "root": "."}, "regularization": {"translate": 2}}, "translate",
      "in-memory"),
 ])

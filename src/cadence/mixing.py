@@ -96,16 +96,15 @@ class BatchMixer:
         mix = draw(self.reg, self.seed, step, x.shape[-2], x.shape[-1])
         if mix.kind is None or len(labels) == 0:
             return x, Targets(labels, smoothing=self.reg.label_smoothing)
-        n = len(labels)
-        partner = (torch.arange(n, device=labels.device) + n // 2) % n  # = a roll of the batch by -n/2
+        shift = -(len(labels) // 2)  # image i's partner: image (i + n/2) mod n
         if mix.kind == "mixup":
-            x = (x * mix.lam).add_(x.roll(-(n // 2), 0).mul_(1 - mix.lam))
+            x = (x * mix.lam).add_(x.roll(shift, 0).mul_(1 - mix.lam))
         else:
             top, bottom, left, right = mix.box
-            patch = x[..., top:bottom, left:right].roll(-(n // 2), 0)
+            patch = x[..., top:bottom, left:right].roll(shift, 0)
             x = x.clone()
             x[..., top:bottom, left:right] = patch
-        return x, Targets(labels, labels[partner], mix.lam, self.reg.label_smoothing)
+        return x, Targets(labels, labels.roll(shift, 0), mix.lam, self.reg.label_smoothing)
 
 
 class Loss(nn.Module):

@@ -21,7 +21,7 @@ from torch import nn
 from cadence import data, distributed, loggers, mixing, models
 from cadence.errors import FieldError
 from cadence.plan import Timeline
-from cadence.recipe import Recipe
+from cadence.recipe import GroupsConfig, Recipe
 from cadence.scheduler import StepScheduler
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -112,12 +112,13 @@ def check_groups(recipe: Recipe, source: data.Source) -> None:
         return
     with torch.device("meta"):
         model = models.build_model(recipe.model, source.num_classes, source.channels)
-    have = sorted({kind for kind, _ in models.parameter_kinds(model)})
+    have = {kind for kind, _ in models.parameter_kinds(model)}
     for kind in own:
         if kind not in have:
             hint = " (a whitening stem's: model.whiten: true, fastnet)" if kind == "whiten_bias" else ""
+            groups = ", ".join(sorted(have & {f.name for f in dataclasses.fields(GroupsConfig)}))  # the kinds a group can name
             raise FieldError(f"optimizer.groups.{kind}", "set", f"but {recipe.model.arch} has no {kind} "
-                             f"parameters{hint}; it has {', '.join(have)}")
+                             f"parameters{hint}; groups it has: {groups}")
 
 
 @dataclass
