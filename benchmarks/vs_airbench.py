@@ -42,6 +42,7 @@ sessions count in the mean over seeds, and ``--cadence-only`` reads airbench's r
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import statistics
@@ -192,10 +193,15 @@ def record(path: str, r: dict) -> list[dict]:
     each time, so invocations that ran meanwhile into the same file (another --name, a --collect) are
     kept. Written whole under another name, then renamed over the file."""
     key = lambda x: (x.get("name", "cadence"), x["seed"], precision_of(x))  # noqa: E731
-    results = [x for x in recorded(path) if key(x) != key(r)] + [r]
-    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), suffix=".tmp", delete=False) as f:
-        json.dump(results, f, indent=1)
-    os.replace(f.name, path)
+    folder = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)  # two lanes of ablations finishing at once: one after the other
+        results = [x for x in recorded(path) if key(x) != key(r)] + [r]
+        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), suffix=".tmp", delete=False) as f:
+            json.dump(results, f, indent=1)
+        os.replace(f.name, path)
+    finally:
+        os.close(folder)  # (and the lock with it)
     return results
 
 

@@ -375,3 +375,34 @@ def test_the_side_by_side_script_collects_a_named_recipe_against_the_same_airben
     other = subprocess.run([sys.executable, script, "--collect", "--name", "fast", "--seeds", "0", "--out", str(tmp_path),
                             "--results", str(kept), "--precision", "bf16"], capture_output=True, text=True)
     assert other.returncode == 2 and "no airbench run for seed 0" in other.stderr  # fp32's is no bf16 run
+
+
+def test_the_ablation_script_adds_each_ablation_once_and_refuses_an_unknown_one(tmp_path):
+    """benchmarks/airbench_ablations.sh: an ablation trains the recipe with its overrides alone on a core,
+    read against airbench's recorded run of the seed, and lands in the results file; run again, it is
+    skipped; a name it does not know is exit 2 and one line."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import TINY, write_recipe
+
+    results = tmp_path / "results.json"
+    airbench = {"acc": 0.9059, "cpu": 6635.0, "curve": [[6635.0, 0.9059]], "process_cpu": None}
+    results.write_text(json.dumps([{"name": "cadence", "seed": 0, "airbench": airbench,
+                                    "cadence": {"acc": 0.9, "cpu": 1.0, "curve": [[1.0, 0.9]]}}]))
+    env = {**os.environ, "RECIPE": write_recipe(tmp_path, TINY), "RESULTS": str(results), "PYTHON": sys.executable,
+           "CORES": f"{min(os.sched_getaffinity(0))} {max(os.sched_getaffinity(0))}"}
+    script = os.path.join(ROOT, "benchmarks", "airbench_ablations.sh")
+    run = lambda *names: subprocess.run(["bash", script, str(tmp_path), str(tmp_path / "out"), "0", *names],  # noqa: E731
+                                        capture_output=True, text=True, env=env)
+    first = run("no-smoothing")
+    assert first.returncode == 0, first.stderr[-2000:]
+    saved = json.loads(results.read_text())
+    assert [r["name"] for r in saved] == ["cadence", "no-smoothing"]
+    assert saved[1]["sets"] == ["regularization.label_smoothing=0"] and saved[1]["airbench"]["acc"] == 0.9059
+    assert "top-1" in first.stdout
+    again = run("no-smoothing")
+    assert again.returncode == 0 and again.stdout == "" and len(json.loads(results.read_text())) == 2
+    bad = run("no-such-thing")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unknown ablation 'no-such-thing'" in bad.stderr

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# What each of airbench94's techniques is worth inside cadence (issue #21): recipes/cifar10-airbench.yaml
+# with one technique taken out at a time, each seed trained alone on one core with one thread by
+# `benchmarks/vs_airbench.py --cadence-only`, in two lanes (one per core), and read against airbench94's
+# run of the same seed. Every result is added to benchmarks/figures/vs_airbench.json (a seed takes ~1.6 h
+# of CPU here, so the figures of several sessions add up there), where the full recipe's seeds are too.
+#
+#   benchmarks/airbench_ablations.sh CIFAR10_ROOT [OUT] [SEEDS] [ABLATION ...]
+#
+# CIFAR10_ROOT holds train/ and test/ of JPEGs; SEEDS is a list like "0 1 2" (default "0"); ABLATION
+# names some of those below (default: all); CORES="0 1" are the lanes' cores. An ablation whose seed is
+# already in the results file is skipped; a run stopped at a checkpoint is not resumed here (its run
+# directory is kept: continue it with `cadence train --resume`, then `vs_airbench.py --collect`). The
+# test-time augmentation needs no training: `cadence eval RUN --set train.tta=flip` (or none) on any
+# finished run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-.venv/bin/python}
+root=${1:?usage: benchmarks/airbench_ablations.sh CIFAR10_ROOT [OUT] [SEEDS] [ABLATION ...]}
+out=${2:-runs/vs-airbench}
+seeds=${3:-0}
+shift $(($# < 3 ? $# : 3))
+recipe=${RECIPE:-recipes/cifar10-airbench.yaml}  # (the tests give a tiny recipe and results file)
+results=${RESULTS:-benchmarks/figures/vs_airbench.json}
+
+declare -A sets=(  # name: what is taken out of airbench's recipe, as --set overrides
+  [no-lookahead]="train.lookahead=null"
+  [no-dirac]="model.dirac=false"
+  [random-flip]="regularization.flip=random"
+  [no-translate]="regularization.translate=0"
+  [torch-bn]="model.bn_momentum=null model.bn_eps=null"
+  [no-bias-lr]="optimizer.groups.norm_bias=null"
+  [bn-scales-trained]="optimizer.groups.norm_weight=null"
+  [whiten-bias-always]="optimizer.groups.whiten_bias=null"
+  [no-smoothing]="regularization.label_smoothing=0"
+)
+names=("$@")
+[ ${#names[@]} -gt 0 ] || names=(no-lookahead no-dirac random-flip no-translate torch-bn no-bias-lr bn-scales-trained
+                                 whiten-bias-always no-smoothing)
+for n in "${names[@]}"; do
+  [ -n "${sets[$n]:-}" ] || { echo "airbench_ablations: unknown ablation '$n' (known: ${!sets[*]})" >&2; exit 2; }
+done
+
+done_already() {  # name seed: is it in the results file?
+  "$python" -c "import json, os, sys; p = '$results'
+sys.exit(0 if os.path.exists(p) and any(r.get('name') == '$1' and r['seed'] == $2 for r in json.load(open(p))) else 1)"
+}
+
+one() {  # core name seed
+  local core=$1 name=$2 seed=$3 args=() s
+  done_already "$name" "$seed" && return 0
+  for s in ${sets[$name]}; do args+=(--set "$s"); done
+  "$python" benchmarks/vs_airbench.py --cadence-only --name "$name" --recipe "$recipe" \
+    --data "$root" --seeds "$seed" --cores "$core" "$core" --out "$out" --results "$results" "${args[@]}"
+}
+
+jobs=()
+for s in $seeds; do
+  for n in "${names[@]}"; do jobs+=("$n $s"); done
+done
+read -r -a cores <<< "${CORES:-0 1}"  # the two lanes' cores
+lane() {  # lane: every other job, on the lane's core
+  local i
+  for ((i = $1; i < ${#jobs[@]}; i += 2)); do one "${cores[$1]}" ${jobs[$i]}; done
+}
+lane 0 & lane 1 & wait
