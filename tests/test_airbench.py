@@ -321,6 +321,7 @@ def test_the_side_by_side_script_lets_airbench_finish_when_cadence_stops_at_a_ch
     assert failed["airbench"].returncode == -15 and failed["cadence"].returncode == 1
 
 
+@pytest.mark.slow  # trains a tiny recipe in a subprocess
 def test_the_side_by_side_script_collects_a_named_recipe_against_the_same_airbench_run(tmp_path):
     """``--collect --name``: a second cadence recipe read against an airbench run already logged; the
     training CPU and accuracy come from airbench's JSON lines (its final evaluation taken out) and
@@ -377,6 +378,7 @@ def test_the_side_by_side_script_collects_a_named_recipe_against_the_same_airben
     assert other.returncode == 2 and "no airbench run for seed 0" in other.stderr  # fp32's is no bf16 run
 
 
+@pytest.mark.slow  # trains a tiny recipe in a subprocess
 def test_the_ablation_script_adds_each_ablation_once_and_refuses_an_unknown_one(tmp_path):
     """benchmarks/airbench_ablations.sh: an ablation trains the recipe with its overrides alone on a core,
     read against airbench's recorded run of the seed, and lands in the results file; run again, it is
