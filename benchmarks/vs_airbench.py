@@ -37,6 +37,7 @@ Each seed's figures go to ``--results`` (default ``OUT/results.json``). Runs of 
 here and run directories do not outlive a session, so the project keeps its measurements in
 ``benchmarks/figures/vs_airbench.json``: give that file as ``--results`` and seeds measured in other
 sessions count in the mean over seeds, and ``--cadence-only`` reads airbench's run of a seed from it.
+``--table`` prints the file as the markdown table of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -214,6 +215,37 @@ def airbench_of(out: str, results: str, seed: int, precision: str) -> dict | Non
                  if x["seed"] == seed and precision_of(x) == precision), None)
 
 
+def spread(xs: list[float], fmt: str) -> str:
+    return fmt.format(statistics.mean(xs)) + (" +- " + fmt.format(statistics.stdev(xs)) if len(xs) > 1 else "")
+
+
+def table(results: list[dict], precision: str) -> str:
+    """The results file as a markdown table: airbench over every seed it ran, then each cadence recipe
+    (``name``) over its seeds, with its difference in top-1 and its CPU ratio against airbench's runs
+    of the same seeds (means of the per-seed figures)."""
+    results = [r for r in results if precision_of(r) == precision]
+    airbench = {}
+    for r in results:
+        airbench.setdefault(r["seed"], r["airbench"])
+    rows = ["| contender | seeds | held-out top-1 (%) | training CPU s | top-1 - airbench's (points) | CPU / airbench's |",
+            "|---|---|---|---|---|---|"]
+    seeds = sorted(airbench)
+    rows.append(f"| airbench94, ported | {', '.join(map(str, seeds))} | "
+                f"{spread([100 * airbench[s]['acc'] for s in seeds], '{:.2f}')} | "
+                f"{spread([airbench[s]['cpu'] for s in seeds], '{:,.0f}')} | | |")
+    for name in dict.fromkeys(r.get("name", "cadence") for r in results):
+        mine = sorted((r for r in results if r.get("name", "cadence") == name), key=lambda r: r["seed"])
+        what = mine[0]["recipe"]
+        what = what[what.rfind("recipes/"):] if "recipes/" in what else what  # wherever the checkout was
+        what += "".join(f" `{s}`" for s in mine[0].get("sets", []))
+        rows.append(f"| {name} ({what}) | {', '.join(str(r['seed']) for r in mine)} | "
+                    f"{spread([100 * r['cadence']['acc'] for r in mine], '{:.2f}')} | "
+                    f"{spread([r['cadence']['cpu'] for r in mine], '{:,.0f}')} | "
+                    f"{spread([100 * (r['cadence']['acc'] - airbench[r['seed']]['acc']) for r in mine], '{:+.2f}')} | "
+                    f"{spread([r['cadence']['cpu'] / airbench[r['seed']]['cpu'] for r in mine], '{:.2f}')}x |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--airbench", help="path of legacy/airbench94.py in a cifar10-airbench checkout")
@@ -231,14 +263,20 @@ def main() -> None:
                    "against the airbench run already logged in --out for each seed: an ablation or another recipe")
     p.add_argument("--collect", action="store_true", help="run nothing: read each seed's finished airbench log and "
                    "cadence run in --out (after a cadence run stopped at a checkpoint was continued with --resume)")
+    p.add_argument("--table", action="store_true", help="run nothing: print the results file as a markdown table")
     p.add_argument("--results", help="the file each seed's figures are added to (default OUT/results.json); one kept "
                    "with the project holds seeds measured in other sessions, and gives --cadence-only and --collect "
                    "airbench's run of a seed whose log is gone")
     a = p.parse_args()
-    if not a.collect and not (a.data and (a.airbench or a.cadence_only)):
-        p.error("--airbench and --data are required (--cadence-only: --data; --collect: neither)")
+    if not (a.collect or a.table) and not (a.data and (a.airbench or a.cadence_only)):
+        p.error("--airbench and --data are required (--cadence-only: --data; --collect, --table: neither)")
     out = os.path.abspath(a.out)
     saved = os.path.abspath(a.results or os.path.join(out, "results.json"))
+    if a.table:
+        if not recorded(saved):
+            p.error(f"no results in {saved}")
+        print(table(recorded(saved), a.precision))
+        return
     bench = os.path.join(out, "airbench")
     if a.cadence_only or a.collect:
         for seed in a.seeds:

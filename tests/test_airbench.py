@@ -376,6 +376,10 @@ def test_the_side_by_side_script_collects_a_named_recipe_against_the_same_airben
     other = subprocess.run([sys.executable, script, "--collect", "--name", "fast", "--seeds", "0", "--out", str(tmp_path),
                             "--results", str(kept), "--precision", "bf16"], capture_output=True, text=True)
     assert other.returncode == 2 and "no airbench run for seed 0" in other.stderr  # fp32's is no bf16 run
+    rows = subprocess.run([sys.executable, script, "--table", "--results", str(kept)], capture_output=True, text=True,
+                          check=True).stdout.splitlines()
+    assert rows[2] == "| airbench94, ported | 0 | 90.84 | 6,700 | | |"
+    assert rows[-1].startswith("| fast (") and rows[-1].endswith("| 0 | 90.90 | 5,000 | +0.06 | 0.75x |")
 
 
 @pytest.mark.slow  # trains a tiny recipe in a subprocess
