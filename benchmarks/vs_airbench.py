@@ -344,10 +344,8 @@ def main() -> None:
     if len(results) > 1:
         print(f"over {len(results)} seeds {sorted(r['seed'] for r in results)} (mean +- sd):")
         for name in ("airbench", "cadence"):
-            accs = [100 * r[name]["acc"] for r in results]
-            cpus = [r[name]["cpu"] for r in results]
-            print(f"  {name:8s} top-1 {statistics.mean(accs):.2f} +- {statistics.stdev(accs):.2f}%  "
-                  f"training CPU {statistics.mean(cpus):.0f} +- {statistics.stdev(cpus):.0f} s")
+            print(f"  {name:8s} top-1 {spread([100 * r[name]['acc'] for r in results], '{:.2f}')}%  "
+                  f"training CPU {spread([r[name]['cpu'] for r in results], '{:.0f}')} s")
 
 
 if __name__ == "__main__":
