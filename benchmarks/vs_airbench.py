@@ -216,7 +216,8 @@ def airbench_of(out: str, results: str, seed: int, precision: str) -> dict | Non
 
 
 def spread(xs: list[float], fmt: str) -> str:
-    return fmt.format(statistics.mean(xs)) + (" +- " + fmt.format(statistics.stdev(xs)) if len(xs) > 1 else "")
+    sd = fmt.replace("+", "")  # a spread has no sign
+    return fmt.format(statistics.mean(xs)) + (" +- " + sd.format(statistics.stdev(xs)) if len(xs) > 1 else "")
 
 
 def table(results: list[dict], precision: str) -> str:
