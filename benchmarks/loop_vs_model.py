@@ -43,8 +43,9 @@ def main() -> None:
         if a.stages is not None and k not in a.stages:
             continue
         epoch = t.epoch[t.stage_starts[k]]
-        if len(trainer.loader(k, epoch)) <= a.steps:
-            p.error(f"stage {k} has {len(trainer.loader(k, epoch))} batches an epoch: --steps must be fewer")
+        batches = len(trainer.loader(k, epoch))
+        if batches <= a.steps:
+            p.error(f"stage {k} has {batches} batches an epoch: --steps must be fewer")
         loops = {"as training runs": lambda: iter(trainer.loader(k, epoch))}
         if in_memory(trainer):  # both ways, whichever training uses here
             loops = {"ahead": lambda: iter(made(trainer.loader(k, epoch), ahead=True)),
