@@ -23,34 +23,29 @@ shift $(($# < 3 ? $# : 3))
 recipe=${RECIPE:-recipes/cifar10-airbench.yaml}  # (the tests give a tiny recipe and results file)
 results=${RESULTS:-benchmarks/figures/vs_airbench.json}
 
-declare -A sets=(  # name: what is taken out of airbench's recipe, as --set overrides
-  [no-lookahead]="train.lookahead=null"
-  [no-dirac]="model.dirac=false"
-  [random-flip]="regularization.flip=random"
-  [no-translate]="regularization.translate=0"
-  [torch-bn]="model.bn_momentum=null model.bn_eps=null"
-  [no-bias-lr]="optimizer.groups.norm_bias=null"
-  [bn-scales-trained]="optimizer.groups.norm_weight=null"
-  [whiten-bias-always]="optimizer.groups.whiten_bias=null"
-  [no-smoothing]="regularization.label_smoothing=0"
+ablations=(  # name, then what is taken out of airbench's recipe as --set overrides; the default order
+  "no-lookahead train.lookahead=null"
+  "no-dirac model.dirac=false"
+  "random-flip regularization.flip=random"
+  "no-translate regularization.translate=0"
+  "torch-bn model.bn_momentum=null model.bn_eps=null"
+  "no-bias-lr optimizer.groups.norm_bias=null"
+  "bn-scales-trained optimizer.groups.norm_weight=null"
+  "whiten-bias-always optimizer.groups.whiten_bias=null"
+  "no-smoothing regularization.label_smoothing=0"
 )
+declare -A sets=()
+for a in "${ablations[@]}"; do sets[${a%% *}]=${a#* }; done
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(no-lookahead no-dirac random-flip no-translate torch-bn no-bias-lr bn-scales-trained
-                                 whiten-bias-always no-smoothing)
+[ ${#names[@]} -gt 0 ] || names=("${ablations[@]%% *}")
 for n in "${names[@]}"; do
-  [ -n "${sets[$n]:-}" ] || { echo "airbench_ablations: unknown ablation '$n' (known: ${!sets[*]})" >&2; exit 2; }
+  [ -n "${sets[$n]:-}" ] || { echo "airbench_ablations: unknown ablation '$n' (known: ${ablations[*]%% *})" >&2; exit 2; }
 done
-
-done_already() {  # name seed: is it in the results file?
-  "$python" -c "import json, os, sys; p = '$results'
-sys.exit(0 if os.path.exists(p) and any(r.get('name') == '$1' and r['seed'] == $2 for r in json.load(open(p))) else 1)"
-}
 
 one() {  # core name seed
   local core=$1 name=$2 seed=$3 args=() s
-  done_already "$name" "$seed" && return 0
   for s in ${sets[$name]}; do args+=(--set "$s"); done
-  "$python" benchmarks/vs_airbench.py --cadence-only --name "$name" --recipe "$recipe" \
+  "$python" benchmarks/vs_airbench.py --cadence-only --skip-recorded --name "$name" --recipe "$recipe" \
     --data "$root" --seeds "$seed" --cores "$core" "$core" --out "$out" --results "$results" "${args[@]}"
 }
 

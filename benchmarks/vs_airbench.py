@@ -189,15 +189,19 @@ def precision_of(x: dict) -> str:
     return x.get("precision", "fp32")  # records before it was recorded: fp32, the default
 
 
+def entry(x: dict) -> tuple[str, int, str]:
+    """What identifies a results file's entry: (name, seed, precision)."""
+    return x.get("name", "cadence"), x["seed"], precision_of(x)
+
+
 def record(path: str, r: dict) -> list[dict]:
     """Adds ``r`` to the results file, replacing the entry of its (name, seed, precision); read afresh
     each time, so invocations that ran meanwhile into the same file (another --name, a --collect) are
     kept. Written whole under another name, then renamed over the file."""
-    key = lambda x: (x.get("name", "cadence"), x["seed"], precision_of(x))  # noqa: E731
     folder = os.open(os.path.dirname(path), os.O_RDONLY)
     try:
         fcntl.flock(folder, fcntl.LOCK_EX)  # two lanes of ablations finishing at once: one after the other
-        results = [x for x in recorded(path) if key(x) != key(r)] + [r]
+        results = [x for x in recorded(path) if entry(x) != entry(r)] + [r]
         with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), suffix=".tmp", delete=False) as f:
             json.dump(results, f, indent=1)
         os.replace(f.name, path)
@@ -265,6 +269,8 @@ def main() -> None:
     p.add_argument("--collect", action="store_true", help="run nothing: read each seed's finished airbench log and "
                    "cadence run in --out (after a cadence run stopped at a checkpoint was continued with --resume)")
     p.add_argument("--table", action="store_true", help="run nothing: print the results file as a markdown table")
+    p.add_argument("--skip-recorded", action="store_true", help="run no seed the results file already holds for "
+                   "this --name and --precision (the ablations script's lanes, run again, go on where they were)")
     p.add_argument("--results", help="the file each seed's figures are added to (default OUT/results.json); one kept "
                    "with the project holds seeds measured in other sessions, and gives --cadence-only and --collect "
                    "airbench's run of a seed whose log is gone")
@@ -293,6 +299,9 @@ def main() -> None:
             write_airbench_data(a.data, os.path.join(bench, "cifar10"))
     os.makedirs(out, exist_ok=True)
     for i, seed in enumerate(a.seeds):
+        if a.skip_recorded and (a.name, seed, a.precision) in map(entry, recorded(saved)):
+            print(f"seed {seed} of {a.name} ({a.precision}): in {saved} already, not run again", flush=True)
+            continue
         cores = a.cores if i % 2 == 0 else a.cores[::-1]
         run_dir = os.path.join(out, f"{a.name}-seed{seed}")
         cadence_cmd = [sys.executable, "-m", "cadence", "train", a.recipe, "--out", run_dir, "--set", f"seed={seed}",
