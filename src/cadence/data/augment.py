@@ -246,15 +246,18 @@ def _colour(x: torch.Tensor, name: str, factors) -> torch.Tensor:
             grey = grey.mean(dim=(-3, -2, -1), keepdim=True)  # sums of integers: exact in any order
         out = fused(x * ratio, grey)
     elif name == "Sharpness":
-        a, b = 1.0 / 13.0, 5.0 / 13.0
-        kernel = torch.tensor([[a, a, a], [a, b, a], [a, a, a]]).expand(x.shape[-3], 1, 3, 3)
-        blurred = torch.nn.functional.conv2d(x, kernel, groups=x.shape[-3]).round_()
+        # torchvision's blur: a 3x3 convolution (weights 1/13, the centre 5/13), rounded. Of integers it
+        # is k/13 for an integer k (the window's sum + 4 x the centre), never within 1/26 of a half, so
+        # float32's error (~1e-4) never moves the rounding: the exact k/13 rounds to the same values, and
+        # costs sums of slices, not a convolution (a new shape for oneDNN at each call: ~1 ms)
         out = x.clone()
         inner = out[..., 1:-1, 1:-1]
+        rows = x[..., :-2, :] + x[..., 1:-1, :] + x[..., 2:, :]
+        blurred = (rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]).add_(inner, alpha=4).div_(13).round_()
         inner.copy_(fused(inner, blurred.sub_(inner)))
     else:
         raise ValueError(f"not a colour blend: {name}")
-    return out.clamp_(0, 255).trunc_()
+    return out.clamp_(0, 255).floor_()  # trunc: the same on [0, 255], and 5-10x faster here (AVX2)
 
 
 class ImagePolicy:
