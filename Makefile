@@ -4,6 +4,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # torch from this machine's disk (pip caps it at 2.14.1 here); any torch >= 2.4 works elsewhere.
 TORCH  ?= 'torch>=2.4,<=2.14.1' 'torchvision>=0.19,<=0.29.1'
+# test workers (pytest-xdist): one a core, at most 4 (each test's torch has every core's threads too)
+JOBS   ?= $(shell n=$$(nproc); echo $$((n < 4 ? n : 4)))
 
 .PHONY: install demo plan test quick clean
 
@@ -22,7 +24,7 @@ plan: install
 	$(BIN)/cadence plan recipes/imagenet-resnet50-progressive.yaml --plot plan.png --csv plan.csv
 
 test: install
-	$(BIN)/python -m pytest --durations=15
+	$(BIN)/python -m pytest -n $(JOBS) --dist worksteal --durations=15
 
 quick: install
 	$(BIN)/python -m pytest -m "not slow"
