@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# What each of airbench94's techniques is worth inside cadence (issue #21): recipes/cifar10-airbench.yaml
-# with one technique taken out at a time, each seed trained alone on one core with one thread by
-# `benchmarks/vs_airbench.py --cadence-only`, in two lanes (one per core), and read against airbench94's
-# run of the same seed. Every result is added to benchmarks/figures/vs_airbench.json (a seed takes ~1.6 h
-# of CPU here, so the figures of several sessions add up there), where the full recipe's seeds are too.
+# What each of airbench94's techniques is worth inside cadence (issue #21): the candidate that beats it,
+# recipes/cifar10-airbench-progressive.yaml (airbench's recipe in cadence's keys, its first four epochs
+# at 24 and 28 px), with one technique taken out at a time. Each seed is trained alone on one core with
+# one thread by `benchmarks/vs_airbench.py --cadence-only`, in two lanes (one per core), and read against
+# airbench94's run of the same seed. Every result is added to benchmarks/figures/vs_airbench.json (a
+# seed takes ~1.2 h of CPU here, so the figures of several sessions add up there), where the candidate's
+# own seeds are too. (What progressive resizing adds is the candidate against recipes/cifar10-airbench.yaml.)
 #
 #   benchmarks/airbench_ablations.sh CIFAR10_ROOT [OUT] [SEEDS] [ABLATION ...]
 #
 # CIFAR10_ROOT holds train/ and test/ of JPEGs; SEEDS is a list like "0 1 2" (default "0"); ABLATION
-# names some of those below (default: all); CORES="0 1" are the lanes' cores. An ablation whose seed is
-# already in the results file is skipped; a run stopped at a checkpoint is not resumed here (its run
-# directory is kept: continue it with `cadence train --resume`, then `vs_airbench.py --collect`). The
-# test-time augmentation needs no training: `cadence eval RUN --set train.tta=flip` (or none) on any
-# finished run.
+# names some of those below (default: all); CORES="0 1" are the lanes' cores; RECIPE another base. An
+# ablation whose seed is in the results file already is skipped. A run stopped at a checkpoint (SIGTERM
+# to its `cadence train`: the session ends) goes on from it when the same command runs again, with the
+# same OUT: cadence's launch line continues a run of the same recipe, its training CPU in the checkpoint.
+# The test-time augmentation needs no training: `cadence eval RUN --set train.tta=flip` (or none).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
@@ -20,7 +22,7 @@ root=${1:?usage: benchmarks/airbench_ablations.sh CIFAR10_ROOT [OUT] [SEEDS] [AB
 out=${2:-runs/vs-airbench}
 seeds=${3:-0}
 shift $(($# < 3 ? $# : 3))
-recipe=${RECIPE:-recipes/cifar10-airbench.yaml}  # (the tests give a tiny recipe and results file)
+recipe=${RECIPE:-recipes/cifar10-airbench-progressive.yaml}  # (the tests give a tiny recipe and results file)
 results=${RESULTS:-benchmarks/figures/vs_airbench.json}
 
 ablations=(  # name, then what is taken out of airbench's recipe as --set overrides; the default order

@@ -23,8 +23,10 @@ loading, every evaluation) are printed too, from the kernel's accounting.
 
 To pause a pair (the cores are needed for something else), stop both with SIGSTOP and continue them
 with SIGCONT: process CPU time does not count a stopped process. Stopping cadence with SIGTERM
-(it checkpoints, exit 143) lets airbench run on; cadence then continues alone on its core with
-``cadence train --resume`` and ``--collect`` reads the seed. Any other failure of one stops the other.
+(it checkpoints, exit 143) lets airbench run on; cadence then continues alone on its core: the same
+command with ``--cadence-only`` (its launch line goes on from the checkpoint of the same recipe), or
+``cadence train --resume`` and then ``--collect`` (the whole-process CPU then counts only the last
+process). Any other failure of one stops the other.
 
     python benchmarks/vs_airbench.py --airbench ~/cifar10-airbench/legacy/airbench94.py \\
         --data /data/cifar10 --recipe recipes/cifar10-airbench.yaml --seeds 0 1 2
@@ -322,9 +324,10 @@ def main() -> None:
             airbench_done = a.cadence_only or procs["airbench"].returncode == 0
             if procs["cadence"].returncode in PAUSED and airbench_done:
                 sys.exit(f"vs_airbench: cadence (seed {seed}) stopped at a checkpoint (its training CPU is in it); "
-                         f"airbench's run is whole. Continue cadence alone on its core: OMP_NUM_THREADS=1 taskset -c "
-                         f"{cores[1]} {sys.executable} -m cadence train --resume {run_dir} --quiet; then run this "
-                         "command again with --collect")
+                         f"airbench's run is whole. Continue cadence alone on its core: this command again with "
+                         f"--cadence-only (the same recipe in the same run directory goes on from its checkpoint), "
+                         f"or OMP_NUM_THREADS=1 taskset -c {cores[1]} {sys.executable} -m cadence train --resume "
+                         f"{run_dir} --quiet, then this command with --collect")
             logs = {"airbench": "airbench", "cadence": a.name}
             for name, proc in procs.items():
                 if proc.returncode:
