@@ -353,12 +353,7 @@ def main() -> None:
                   f"(process {process})  to reach {other[name]}'s {100 * r[other[name]]['acc']:.2f}%: "
                   + (f"{t:.0f} s" if t is not None else "not reached" if curves else "(--curve, both logged)"),
                   flush=True)
-    results = [r for r in recorded(saved) if r.get("name", "cadence") == a.name and precision_of(r) == a.precision]
-    if len(results) > 1:
-        print(f"over {len(results)} seeds {sorted(r['seed'] for r in results)} (mean +- sd):")
-        for name in ("airbench", "cadence"):
-            print(f"  {name:8s} top-1 {spread([100 * r[name]['acc'] for r in results], '{:.2f}')}%  "
-                  f"training CPU {spread([r[name]['cpu'] for r in results], '{:.0f}')} s")
+    print(table(recorded(saved), a.precision))  # every seed the results file holds, this run's with them
 
 
 if __name__ == "__main__":

@@ -395,7 +395,8 @@ def test_the_ablation_script_adds_each_ablation_once_and_refuses_an_unknown_one(
 
     results = tmp_path / "results.json"
     airbench = {"acc": 0.9059, "cpu": 6635.0, "curve": [[6635.0, 0.9059]], "process_cpu": None}
-    results.write_text(json.dumps([{"name": "cadence", "seed": 0, "airbench": airbench,
+    results.write_text(json.dumps([{"name": "cadence", "recipe": "recipes/cifar10-airbench.yaml", "seed": 0,
+                                    "airbench": airbench,
                                     "cadence": {"acc": 0.9, "cpu": 1.0, "curve": [[1.0, 0.9]]}}]))
     env = {**os.environ, "RECIPE": write_recipe(tmp_path, TINY), "RESULTS": str(results), "PYTHON": sys.executable,
            "CORES": f"{min(os.sched_getaffinity(0))} {max(os.sched_getaffinity(0))}"}
@@ -410,6 +411,6 @@ def test_the_ablation_script_adds_each_ablation_once_and_refuses_an_unknown_one(
     assert "top-1" in first.stdout
     again = run("no-smoothing")
     assert again.returncode == 0 and len(json.loads(results.read_text())) == 2
-    assert again.stdout == f"seed 0 of no-smoothing (fp32): in {results} already, not run again\n"
+    assert again.stdout.startswith(f"seed 0 of no-smoothing (fp32): in {results} already, not run again\n| contender")
     bad = run("no-such-thing")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unknown ablation 'no-such-thing'" in bad.stderr
