@@ -4,8 +4,6 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # torch from this machine's disk (pip caps it at 2.14.1 here); any torch >= 2.4 works elsewhere.
 TORCH  ?= 'torch>=2.4,<=2.14.1' 'torchvision>=0.19,<=0.29.1'
-# test workers (pytest-xdist): one a core, at most 4 (each test's torch has every core's threads too)
-JOBS   ?= $(shell n=$$(nproc); echo $$((n < 4 ? n : 4)))
 
 .PHONY: install demo plan test quick clean
 
@@ -23,8 +21,9 @@ demo: install
 plan: install
 	$(BIN)/cadence plan recipes/imagenet-resnet50-progressive.yaml --plot plan.png --csv plan.csv
 
+# a test worker a core, at most 4 (pytest-xdist); the tests of a shared run stay on one worker
 test: install
-	$(BIN)/python -m pytest -n $(JOBS) --dist worksteal --durations=15
+	$(BIN)/python -m pytest -n auto --maxprocesses=4 --dist loadgroup --durations=15
 
 quick: install
 	$(BIN)/python -m pytest -m "not slow"

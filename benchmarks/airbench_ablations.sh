@@ -10,10 +10,11 @@
 #   benchmarks/airbench_ablations.sh CIFAR10_ROOT [OUT] [SEEDS] [ABLATION ...]
 #
 # CIFAR10_ROOT holds train/ and test/ of JPEGs; SEEDS is a list like "0 1 2" (default "0"); ABLATION
-# names some of those below (default: all); CORES="0 1" are the lanes' cores; RECIPE another base. An
-# ablation whose seed is in the results file already is skipped. A run stopped at a checkpoint (SIGTERM
-# to its `cadence train`: the session ends) goes on from it when the same command runs again, with the
-# same OUT: cadence's launch line continues a run of the same recipe, its training CPU in the checkpoint.
+# names some of those below (default: all); CORES="0 1" are the lanes' cores; RECIPE another base. Each
+# is recorded (and its run named) NAME@BASE, BASE the recipe's file name; one whose seed is in the
+# results file is skipped. A run stopped at a checkpoint (SIGTERM to its `cadence train`: the session
+# ends) goes on from it when the same command runs again with the same OUT (cadence's launch line
+# continues a run of the same recipe; its training CPU is in the checkpoint); a stopped lane: exit 1.
 # The test-time augmentation needs no training: `cadence eval RUN --set train.tta=flip` (or none).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,10 +45,11 @@ for n in "${names[@]}"; do
   [ -n "${sets[$n]:-}" ] || { echo "airbench_ablations: unknown ablation '$n' (known: ${ablations[*]%% *})" >&2; exit 2; }
 done
 
-one() {  # core name seed
+base=$(basename "$recipe" .yaml)
+one() {  # core name seed: recorded and run as NAME@BASE (the same ablation of another base is another entry)
   local core=$1 name=$2 seed=$3 args=() s
   for s in ${sets[$name]}; do args+=(--set "$s"); done
-  "$python" benchmarks/vs_airbench.py --cadence-only --skip-recorded --name "$name" --recipe "$recipe" \
+  "$python" benchmarks/vs_airbench.py --cadence-only --skip-recorded --name "$name@$base" --recipe "$recipe" \
     --data "$root" --seeds "$seed" --cores "$core" "$core" --out "$out" --results "$results" "${args[@]}"
 }
 
@@ -60,4 +62,9 @@ lane() {  # lane: every other job, on the lane's core
   local i
   for ((i = $1; i < ${#jobs[@]}; i += 2)); do one "${cores[$1]}" ${jobs[$i]}; done
 }
-lane 0 & lane 1 & wait
+lane 0 & first=$!
+lane 1 & second=$!
+status=0
+wait $first || status=$?
+wait $second || status=$?
+exit $status  # a lane that stopped (a run stopped at a checkpoint, a failure) is not success

@@ -24,9 +24,10 @@ loading, every evaluation) are printed too, from the kernel's accounting.
 To pause a pair (the cores are needed for something else), stop both with SIGSTOP and continue them
 with SIGCONT: process CPU time does not count a stopped process. Stopping cadence with SIGTERM
 (it checkpoints, exit 143) lets airbench run on; cadence then continues alone on its core: the same
-command with ``--cadence-only`` (its launch line goes on from the checkpoint of the same recipe), or
-``cadence train --resume`` and then ``--collect`` (the whole-process CPU then counts only the last
-process). Any other failure of one stops the other.
+command with ``--cadence-only --seeds N`` (its launch line goes on from the checkpoint of the same
+recipe), or ``cadence train --resume`` and then ``--collect``. Either way its whole-process CPU and
+wall time are not recorded (one process saw only part of the run); its training CPU is whole (the
+checkpoint carries it). Any other failure of one stops the other.
 
     python benchmarks/vs_airbench.py --airbench ~/cifar10-airbench/legacy/airbench94.py \\
         --data /data/cifar10 --recipe recipes/cifar10-airbench.yaml --seeds 0 1 2
@@ -130,8 +131,9 @@ def write_airbench_data(data_root: str, out: str) -> None:
 
 
 def launch(cmd: list[str], core: int, log: str, env: dict, cwd: str | None = None) -> subprocess.Popen:
+    """``cmd`` pinned to ``core`` with one thread, its output appended to ``log`` (a continued run's too)."""
     env = {**os.environ, **env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.Popen(["taskset", "-c", str(core)] + cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+    return subprocess.Popen(["taskset", "-c", str(core)] + cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT,
                             env=env, cwd=cwd)
 
 
@@ -300,6 +302,7 @@ def main() -> None:
         if not os.path.exists(os.path.join(bench, "cifar10", "test.pt")):
             write_airbench_data(a.data, os.path.join(bench, "cifar10"))
     os.makedirs(out, exist_ok=True)
+    ran = False
     for i, seed in enumerate(a.seeds):
         if a.skip_recorded and (a.name, seed, a.precision) in map(entry, recorded(saved)):
             print(f"seed {seed} of {a.name} ({a.precision}): in {saved} already, not run again", flush=True)
@@ -312,6 +315,7 @@ def main() -> None:
         for s in a.sets:
             cadence_cmd += ["--set", s]
         started = time.time()
+        continued = os.path.exists(os.path.join(run_dir, "checkpoints", "last.pt"))  # this launch goes on from it
         if a.collect:  # the pair ran earlier; cadence's part may have been continued from a checkpoint
             whole = {"airbench": None, "cadence": None}
         else:
@@ -325,35 +329,38 @@ def main() -> None:
             if procs["cadence"].returncode in PAUSED and airbench_done:
                 sys.exit(f"vs_airbench: cadence (seed {seed}) stopped at a checkpoint (its training CPU is in it); "
                          f"airbench's run is whole. Continue cadence alone on its core: this command again with "
-                         f"--cadence-only (the same recipe in the same run directory goes on from its checkpoint), "
-                         f"or OMP_NUM_THREADS=1 taskset -c {cores[1]} {sys.executable} -m cadence train --resume "
-                         f"{run_dir} --quiet, then this command with --collect")
+                         f"--cadence-only --seeds {seed} (the same recipe in the same run directory goes on from its "
+                         f"checkpoint), then without it for the seeds after {seed}")
             logs = {"airbench": "airbench", "cadence": a.name}
             for name, proc in procs.items():
                 if proc.returncode:
                     sys.exit(f"vs_airbench: {name} (seed {seed}) exited {proc.returncode}: "
                              f"see {log_of(out, logs[name], seed)}")
+        partial = a.collect or continued  # this process saw only the run's last part
         r = {"name": a.name, "recipe": a.recipe, "sets": a.sets, "seed": seed,
-             "wall": None if a.collect else time.time() - started,
+             "wall": None if partial else time.time() - started,
              "precision": a.precision, "curve": a.curve,
              "airbench": airbench_of(out, saved, seed, a.precision), "cadence": cadence_result(run_dir)}
         for name in ("airbench", "cadence"):
-            r[name]["process_cpu"] = whole[name] if whole[name] is not None else r[name].get("process_cpu")
+            known = whole[name] is not None and not (name == "cadence" and partial)
+            r[name]["process_cpu"] = whole[name] if known else r[name].get("process_cpu")
         other = {"airbench": "cadence", "cadence": "airbench"}
         curves = a.curve and all(len(r[name]["curve"]) > 1 for name in other)  # not a record's final point
         for name in ("airbench", "cadence"):
             r[name]["to_reach_other"] = reach(r[name]["curve"], r[other[name]]["acc"]) if curves else None
         record(saved, r)
+        ran = True
         print(f"seed {seed} (airbench on core {cores[0]}, cadence on core {cores[1]}):", flush=True)
         for name in ("airbench", "cadence"):
             x = r[name]
             t = x["to_reach_other"]
-            process = "collected" if x["process_cpu"] is None else f"{x['process_cpu']:.0f} s"
+            process = "not recorded" if x["process_cpu"] is None else f"{x['process_cpu']:.0f} s"
             print(f"  {name:8s} top-1 {100 * x['acc']:.2f}%  training CPU {x['cpu']:.0f} s  "
                   f"(process {process})  to reach {other[name]}'s {100 * r[other[name]]['acc']:.2f}%: "
                   + (f"{t:.0f} s" if t is not None else "not reached" if curves else "(--curve, both logged)"),
                   flush=True)
-    print(table(recorded(saved), a.precision))  # every seed the results file holds, this run's with them
+    if ran:
+        print(table(recorded(saved), a.precision))  # every seed the results file holds, this run's with them
 
 
 if __name__ == "__main__":

@@ -386,7 +386,8 @@ def test_the_side_by_side_script_collects_a_named_recipe_against_the_same_airben
 def test_the_ablation_script_adds_each_ablation_once_and_refuses_an_unknown_one(tmp_path):
     """benchmarks/airbench_ablations.sh: an ablation trains the recipe with its overrides alone on a core,
     read against airbench's recorded run of the seed, and lands in the results file; run again, it is
-    skipped; a name it does not know is exit 2 and one line."""
+    skipped; its record lost, its run directory is read again (a launch goes on from its checkpoint) with
+    no whole-process figures; a name it does not know is exit 2 and one line."""
     import json
     import subprocess
     import sys
@@ -406,11 +407,17 @@ def test_the_ablation_script_adds_each_ablation_once_and_refuses_an_unknown_one(
     first = run("no-smoothing")
     assert first.returncode == 0, first.stderr[-2000:]
     saved = json.loads(results.read_text())
-    assert [r["name"] for r in saved] == ["cadence", "no-smoothing"]
+    assert [r["name"] for r in saved] == ["cadence", "no-smoothing@recipe"]  # the ablation @ its base recipe
     assert saved[1]["sets"] == ["regularization.label_smoothing=0"] and saved[1]["airbench"]["acc"] == 0.9059
     assert "top-1" in first.stdout
     again = run("no-smoothing")
     assert again.returncode == 0 and len(json.loads(results.read_text())) == 2
-    assert again.stdout.startswith(f"seed 0 of no-smoothing (fp32): in {results} already, not run again\n| contender")
+    assert again.stdout == f"seed 0 of no-smoothing@recipe (fp32): in {results} already, not run again\n"
+    results.write_text(json.dumps(saved[:1]))  # its record lost, its finished run kept: run again, it is read
+    kept = run("no-smoothing")  # from the run directory, whose checkpoint the launch goes on from
+    assert kept.returncode == 0, kept.stderr[-2000:]
+    entry = json.loads(results.read_text())[1]
+    assert entry["cadence"]["cpu"] == saved[1]["cadence"]["cpu"]  # the training CPU: the checkpoint's
+    assert entry["wall"] is None and entry["cadence"]["process_cpu"] is None  # one process saw part of it
     bad = run("no-such-thing")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unknown ablation 'no-such-thing'" in bad.stderr

@@ -218,7 +218,8 @@ def colour_batch(x: torch.Tensor, name: str, factors) -> torch.Tensor:
     ``base.add_(other, alpha=1 - f)``, which torch's CPU kernels compute as a fused multiply-add (one
     rounding of base + other * alpha; the float64 product of two float32 is exact, so float64
     arithmetic rounded once to float32 is that), then a clamp and the cast to uint8 (truncation). The
-    greyscale, mean and blur do not depend on the factor and are torchvision's own functions, batched.
+    greyscale and mean do not depend on the factor and are torchvision's own functions, batched; the
+    blur is its convolution's rounded result, computed exactly (see below).
     The tests hold every image to torchvision's call on it with its factor (widths with and without a
     vector tail, grey pixels included)."""
     return _colour(x.float(), name, factors).to(torch.uint8)
