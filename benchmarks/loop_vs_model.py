@@ -6,8 +6,9 @@ loader (with the stage's per-image policy), normalise, mix (the stage's mixup/cu
 -- on the same Trainer. In-memory sources run the loop two ways: the next batch made by a background
 thread during the step ("ahead": training on an accelerator) and each batch made in the step ("in
 step": training on the CPU, where the model's threads already have every core).
-Prints images/s and the ratio of the medians to model-only (target: loop >= 0.95 x model-only), and
-the median of each round's ratio ("paired").
+Prints images/s and the ratio of the medians to model-only (target: loop >= 0.95 x model-only), the
+median of each round's ratio ("paired"), and the ratio of the median step times ("per-step medians":
+a step that a neighbour of this machine slowed down moves it least).
 
     python benchmarks/loop_vs_model.py recipes/cifar10-progressive.yaml --set data.root=/path/to/cifar10
     python benchmarks/loop_vs_model.py recipes/cifar10-progressive.yaml --set data.root=/path/to/cifar10 \
@@ -54,14 +55,16 @@ def main() -> None:
         fixed = trainer.parts.normalize(x0), y0
         trainer.train_step(*fixed)  # warm-up at this size
         rates: dict[str, list[float]] = {"model": [], **{name: [] for name in loops}}
+        steps: dict[str, list[float]] = {name: [] for name in rates}  # each step's seconds
         for _ in range(a.rounds):
-            rates["model"].append(fixed_batch_rate(trainer, k, fixed, a.steps))
+            rates["model"].append(fixed_batch_rate(trainer, k, fixed, a.steps, steps["model"]))
             for name, make in loops.items():
-                rates[name].append(loop_rate(trainer, k, make(), a.steps))
+                rates[name].append(loop_rate(trainer, k, make(), a.steps, steps[name]))
         m = statistics.median(rates["model"])
+        per_step = {name: statistics.median(steps["model"]) / statistics.median(steps[name]) for name in loops}
         loop = ", ".join(f"loop ({name}) {statistics.median(rates[name]):.0f} img/s = "
-                         f"{statistics.median(rates[name]) / m:.3f} (paired {paired(rates[name], rates['model']):.3f})"
-                         for name in loops)
+                         f"{statistics.median(rates[name]) / m:.3f} (paired {paired(rates[name], rates['model']):.3f}, "
+                         f"per-step medians {per_step[name]:.3f})" for name in loops)
         print(f"stage {k} ({stage.resolution}px, batch {stage.batch_size}): model only {m:.0f} img/s, {loop}",
               flush=True)
     if in_memory(trainer):
@@ -84,20 +87,26 @@ def paired(loop: list[float], model: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(loop, model))
 
 
-def loop_rate(trainer: train.Trainer, k: int, batches, steps: int) -> float:
+def loop_rate(trainer: train.Trainer, k: int, batches, steps: int, times: list | None = None) -> float:
     """images/s of ``steps`` steps of the real loop at stage ``k``, in steady state: the round starts
     with one batch in hand (untimed), and each timed step ends by taking the next batch -- made during
     the step (ahead) or then (in step) -- so the timed window makes exactly ``steps`` batches. The
     batches are closed after the clock stops: a thread making batches ahead stops before the next
-    model-only round, which it would otherwise share the cores with."""
+    model-only round, which it would otherwise share the cores with. Each step's seconds, the taking of
+    its next batch included, are added to ``times``."""
     start_step = trainer.parts.scheduler.last_epoch = trainer.timeline.stage_starts[k]
     x, y = next(batches)
-    start, n = time.perf_counter(), 0
+    start = last = time.perf_counter()
+    n = 0
     for i in range(steps):
         trainer.train_step(*trainer.mixers[k](trainer.parts.normalize(x), y, start_step + i))
         n += len(y)
         x, y = next(batches)
-    rate = n / (time.perf_counter() - start)
+        now = time.perf_counter()
+        if times is not None:
+            times.append(now - last)
+        last = now
+    rate = n / (last - start)
     if hasattr(batches, "close"):
         batches.close()
     return rate

@@ -27,14 +27,19 @@ def stage_batch(trainer: train.Trainer, k: int):
     return next(iter(trainer.loader(k, t.epoch[t.stage_starts[k]])))
 
 
-def fixed_batch_rate(trainer: train.Trainer, k: int, batch, steps: int) -> float:
+def fixed_batch_rate(trainer: train.Trainer, k: int, batch, steps: int, times: list | None = None) -> float:
     """images/s of ``steps`` ``train_step`` calls on one prepped ``batch``, the schedule put back at
-    stage ``k``'s start first (so it stays inside the plan however many rounds run)."""
+    stage ``k``'s start first (so it stays inside the plan however many rounds run); each step's
+    seconds are added to ``times``."""
     trainer.step = trainer.parts.scheduler.last_epoch = trainer.timeline.stage_starts[k]
-    start = time.perf_counter()
+    start = last = time.perf_counter()
     for _ in range(steps):
         trainer.train_step(*batch)
-    return steps * len(batch[1]) / (time.perf_counter() - start)
+        now = time.perf_counter()
+        if times is not None:
+            times.append(now - last)
+        last = now
+    return steps * len(batch[1]) / (last - start)
 
 
 def main() -> None:
