@@ -21,9 +21,9 @@ demo: install
 plan: install
 	$(BIN)/cadence plan recipes/imagenet-resnet50-progressive.yaml --plot plan.png --csv plan.csv
 
-# a test worker a core, at most 4 (pytest-xdist); the tests of a shared run stay on one worker
+# a test worker a core, at most 4 (pytest-xdist), each taking the next test when it is free
 test: install
-	$(BIN)/python -m pytest -n auto --maxprocesses=4 --dist loadgroup --durations=15
+	$(BIN)/python -m pytest -n auto --maxprocesses=4 --dist worksteal --durations=15
 
 quick: install
 	$(BIN)/python -m pytest -m "not slow"

@@ -55,10 +55,6 @@ def lrs(run_dir) -> list[float]:
     return [r["lr"] for r in rundir.read_metrics(str(run_dir)) if "val_top1" not in r]
 
 
-# the tests of the fixture below share one test worker (make test runs several): it is made once
-ON_ONE_WORKER = pytest.mark.xdist_group("ddp-runs")
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("ddp")
@@ -68,7 +64,6 @@ def runs(tmp_path_factory):
     return d, recipe
 
 
-@ON_ONE_WORKER
 def test_two_ranks_match_one_process(runs):
     d, _ = runs
     one, two = weights(d / "one"), weights(d / "two")
@@ -167,7 +162,6 @@ def test_torchrun_max_restarts_continues_after_a_worker_is_killed(tmp_path):
     assert lrs(tmp_path / "killed") == lrs(tmp_path / "whole")
 
 
-@ON_ONE_WORKER
 def test_resume_under_two_ranks(runs):
     d, recipe = runs
     torchrun(2, "train", recipe, "--out", str(d / "two-resumed"), "--max-steps", "4", cwd=str(d))
@@ -177,7 +171,6 @@ def test_resume_under_two_ranks(runs):
     assert lrs(d / "two-resumed") == lrs(d / "two")
 
 
-@ON_ONE_WORKER
 def test_resume_from_two_ranks_on_one(runs):
     d, recipe = runs
     torchrun(2, "train", recipe, "--out", str(d / "two-then-one"), "--max-steps", "7", cwd=str(d))
@@ -186,7 +179,6 @@ def test_resume_from_two_ranks_on_one(runs):
     assert lrs(d / "two-then-one") == lrs(d / "one")
 
 
-@ON_ONE_WORKER
 def test_find_lr_under_torchrun_matches_one_process(runs):
     d, recipe = runs
     args = ["find-lr", recipe, "--steps", "20", "--start-lr", "1e-3", "--end-lr", "5"]

@@ -82,10 +82,6 @@ def test_resume_refuses_a_different_recipe(tmp_path, capsys):
     assert code == 2 and "--on-recipe-change" in err[0] and err[1:] == ["  optimizer.lr: 0.05 -> 0.5   [schedule]"]
 
 
-# the tests of the fixture below share one test worker (make test runs several): it is made once
-ON_ONE_WORKER = pytest.mark.xdist_group("demo-run")
-
-
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
@@ -95,7 +91,6 @@ def demo_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-@ON_ONE_WORKER
 def test_demo_reaches_its_stated_accuracy(demo_run):
     evals = [r for r in rundir.read_metrics(str(demo_run)) if "val_top1" in r]
     assert evals[-1]["val_top1"] >= 0.95
@@ -108,7 +103,6 @@ def test_demo_reaches_its_stated_accuracy(demo_run):
 
 
 @pytest.mark.slow
-@ON_ONE_WORKER
 def test_logged_lr_and_momentum_equal_the_plan(demo_run, tmp_path):
     csv_path = str(tmp_path / "plan.csv")
     assert cli.main(["plan", os.path.join(ROOT, "recipes", "demo.yaml"), "--csv", csv_path]) == 0
@@ -122,7 +116,6 @@ def test_logged_lr_and_momentum_equal_the_plan(demo_run, tmp_path):
 
 
 @pytest.mark.slow
-@ON_ONE_WORKER
 def test_eval_at_another_resolution(demo_run, capsys):
     final = [r for r in rundir.read_metrics(str(demo_run)) if "val_top1" in r][-1]
     assert cli.main(["eval", str(demo_run)]) == 0
