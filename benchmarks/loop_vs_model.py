@@ -10,22 +10,28 @@ Prints images/s and the ratio of the medians to model-only (target: loop >= 0.95
 median of each round's ratio ("paired"), and the ratio of the median step times ("per-step medians":
 a step that a neighbour of this machine slowed down moves it least).
 
+``--parts`` takes the in-step loop apart instead (in-memory sources): the wall time of each
+``train_step`` alone on (a) one fixed batch, (b) that fixed batch with a batch made (and dropped) just
+before each step, (c) fresh batches; and of making, normalising and mixing a batch, each step timed by
+itself, steps of each kind interleaved, medians compared. (b) against (a): what making a batch does to
+the next step (caches); (c) against (b): what a fresh batch does; ``model / (fresh + making)``: the
+loop's share of model-only throughput, by its parts.
+
     python benchmarks/loop_vs_model.py recipes/cifar10-progressive.yaml --set data.root=/path/to/cifar10
     python benchmarks/loop_vs_model.py recipes/cifar10-progressive.yaml --set data.root=/path/to/cifar10 \
         --set regularization.policy=trivialaugment --set regularization.random_erasing=0.1 \
-        --set regularization.mixup=0.2 --set regularization.cutmix=1.0
+        --set regularization.mixup=0.2 --set regularization.cutmix=1.0 [--stages 0 --rounds 21 [--parts]]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 from cadence import parts, train
 from cadence.data import loaders
 from cadence.recipe import load_recipe
-from step_speed import fixed_batch_rate  # the same timed fixed-batch steps
+from step_speed import fixed_batch_rate, timed  # the same timed steps
 
 
 def main() -> None:
@@ -35,6 +41,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6, help="optimizer steps per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--stages", type=int, nargs="+", help="only these stages (default: all)")
+    p.add_argument("--parts", action="store_true", help="the in-step loop taken apart (in-memory sources)")
     a = p.parse_args()
     recipe = load_recipe(a.recipe, a.sets)
     setup = parts.build_setup(recipe, a.recipe)
@@ -47,6 +54,11 @@ def main() -> None:
         batches = len(trainer.loader(k, epoch))
         if batches <= a.steps:
             p.error(f"stage {k} has {batches} batches an epoch: --steps must be fewer")
+        if a.parts:
+            if not in_memory(trainer):
+                p.error("--parts takes apart the in-step loop of an in-memory source; this recipe reads files")
+            print_parts(trainer, k, a.rounds, a.steps)
+            continue
         loops = {"as training runs": lambda: iter(trainer.loader(k, epoch))}
         if in_memory(trainer):  # both ways, whichever training uses here
             loops = {"ahead": lambda: iter(made(trainer.loader(k, epoch), ahead=True)),
@@ -96,20 +108,55 @@ def loop_rate(trainer: train.Trainer, k: int, batches, steps: int, times: list |
     its next batch included, are added to ``times``."""
     start_step = trainer.parts.scheduler.last_epoch = trainer.timeline.stage_starts[k]
     x, y = next(batches)
-    start = last = time.perf_counter()
+    mine: list[float] = []
     n = 0
     for i in range(steps):
-        trainer.train_step(*trainer.mixers[k](trainer.parts.normalize(x), y, start_step + i))
-        n += len(y)
-        x, y = next(batches)
-        now = time.perf_counter()
-        if times is not None:
-            times.append(now - last)
-        last = now
-    rate = n / (last - start)
+        with timed(mine):
+            trainer.train_step(*trainer.mixers[k](trainer.parts.normalize(x), y, start_step + i))
+            n += len(y)
+            x, y = next(batches)
     if hasattr(batches, "close"):
         batches.close()
-    return rate
+    if times is not None:
+        times.extend(mine)
+    return n / sum(mine)
+
+
+def print_parts(trainer: train.Trainer, k: int, rounds: int, steps: int) -> None:
+    """``--parts``: the in-step loop of stage ``k`` taken apart (the module's docstring), printed."""
+    t = trainer.timeline
+    start_step, epoch = t.stage_starts[k], t.epoch[t.stage_starts[k]]
+
+    def batches():  # made in the step, as training on the CPU makes them; epoch after epoch
+        while True:
+            yield from made(trainer.loader(k, epoch), ahead=False)
+
+    making = batches()
+    x0, y0 = next(making)
+    fixed = trainer.parts.normalize(x0), y0
+    trainer.train_step(*fixed)  # warm-up at this size
+    times: dict[str, list[float]] = {"fixed": [], "fixed, a batch made before": [], "fresh": [], "making": []}
+    for _ in range(rounds):
+        trainer.step = trainer.parts.scheduler.last_epoch = start_step  # inside the plan
+        for _ in range(steps):
+            with timed(times["fixed"]):
+                trainer.train_step(*fixed)
+        for _ in range(steps):
+            next(making)
+            with timed(times["fixed, a batch made before"]):
+                trainer.train_step(*fixed)
+        for i in range(steps):
+            with timed(times["making"]):
+                x, y = next(making)
+                batch = trainer.mixers[k](trainer.parts.normalize(x), y, start_step + i)
+            with timed(times["fresh"]):
+                trainer.train_step(*batch)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    stage = trainer.recipe.stages[k]
+    print(f"stage {k} ({stage.resolution}px, batch {stage.batch_size}), medians of {rounds * steps} steps each:")
+    for name, v in times.items():
+        print(f"  {name:28s} {med[name] * 1e3:7.1f} ms  (mean {statistics.mean(v) * 1e3:.1f})")
+    print(f"  loop / model by its parts: {med['fixed'] / (med['fresh'] + med['making']):.3f}", flush=True)
 
 
 if __name__ == "__main__":

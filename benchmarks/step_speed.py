@@ -13,6 +13,7 @@ the median round is reported with the ratio to the recipe as written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -27,19 +28,26 @@ def stage_batch(trainer: train.Trainer, k: int):
     return next(iter(trainer.loader(k, t.epoch[t.stage_starts[k]])))
 
 
+@contextlib.contextmanager
+def timed(times: list):
+    """Adds the seconds of the ``with`` block to ``times``: every timed step of the benchmarks is this."""
+    start = time.perf_counter()
+    yield
+    times.append(time.perf_counter() - start)
+
+
 def fixed_batch_rate(trainer: train.Trainer, k: int, batch, steps: int, times: list | None = None) -> float:
     """images/s of ``steps`` ``train_step`` calls on one prepped ``batch``, the schedule put back at
     stage ``k``'s start first (so it stays inside the plan however many rounds run); each step's
     seconds are added to ``times``."""
     trainer.step = trainer.parts.scheduler.last_epoch = trainer.timeline.stage_starts[k]
-    start = last = time.perf_counter()
+    mine: list[float] = []
     for _ in range(steps):
-        trainer.train_step(*batch)
-        now = time.perf_counter()
-        if times is not None:
-            times.append(now - last)
-        last = now
-    return steps * len(batch[1]) / (last - start)
+        with timed(mine):
+            trainer.train_step(*batch)
+    if times is not None:
+        times.extend(mine)
+    return steps * len(batch[1]) / sum(mine)
 
 
 def main() -> None:

@@ -304,6 +304,7 @@ def main() -> None:
     os.makedirs(out, exist_ok=True)
     ran = False
     for i, seed in enumerate(a.seeds):
+        # the results file is read afresh for each seed: another lane of the ablation script adds to it
         if a.skip_recorded and (a.name, seed, a.precision) in map(entry, recorded(saved)):
             print(f"seed {seed} of {a.name} ({a.precision}): in {saved} already, not run again", flush=True)
             continue
