@@ -6,7 +6,10 @@ conftest there; conftest.py has pytest rewrite the asserts in this module too.)"
 from __future__ import annotations
 
 import os
+import pathlib
+import shutil
 
+import filelock  # torch's own dependency
 import torch
 import yaml
 from PIL import Image
@@ -43,6 +46,26 @@ GOOD = {
 
 
 # -- runs ------------------------------------------------------------------------------------------
+
+
+def made_once(tmp_path_factory, name: str, make) -> pathlib.Path:
+    """A folder ``make(folder)`` fills, made once per test session. Under pytest-xdist the workers
+    share it (in the session's temporary folder, the parent of each worker's): the first worker to need
+    it makes it holding a lock, the others wait and use it. (A fixture alone, whatever its scope, is set
+    up once per worker, or more: a module fixture is torn down when a worker runs another module.)"""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = tmp_path_factory.mktemp(name)
+        make(folder)
+        return folder
+    shared = tmp_path_factory.getbasetemp().parent
+    folder, done = shared / name, shared / f"{name}.made"
+    with filelock.FileLock(str(shared / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that failed to make it left this
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
 
 
 def write_recipe(tmp_path, raw: dict, name: str = "recipe.yaml") -> str:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cadence import data, rundir
-from helpers import TINY, image_folder, write_recipe
+from helpers import TINY, image_folder, made_once, write_recipe
 
 pytestmark = pytest.mark.slow  # every test here trains, under torchrun (two processes) and alone
 
@@ -57,11 +57,12 @@ def lrs(run_dir) -> list[float]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ddp")
-    recipe = write_recipe(d, RECIPE)
-    single("train", recipe, "--out", str(d / "one"), cwd=str(d))
-    torchrun(2, "train", recipe, "--out", str(d / "two"), cwd=str(d))
-    return d, recipe
+    def make(d):
+        recipe = write_recipe(d, RECIPE)
+        single("train", recipe, "--out", str(d / "one"), cwd=str(d))
+        torchrun(2, "train", recipe, "--out", str(d / "two"), cwd=str(d))
+    d = made_once(tmp_path_factory, "ddp", make)
+    return d, str(d / "recipe.yaml")
 
 
 def test_two_ranks_match_one_process(runs):

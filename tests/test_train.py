@@ -17,8 +17,8 @@ from cadence.errors import FieldError
 from cadence.models import build_model
 from cadence.recipe import recipe_from_dict
 from cadence.report import read_plan_csv
-from helpers import (LONG_TINY, ROOT, TINY, assert_same_run, assert_same_state, run, signal_mid_run, train_rows,
-                     write_recipe)
+from helpers import (LONG_TINY, ROOT, TINY, assert_same_run, assert_same_state, made_once, run, signal_mid_run,
+                     train_rows, write_recipe)
 
 # The shared CIFAR-10 JPEGs: $CADENCE_CIFAR10_TAR, or ../shared/data beside the checkout (never in it).
 CIFAR_TAR = os.environ.get("CADENCE_CIFAR10_TAR") or next(
@@ -84,10 +84,10 @@ def test_resume_refuses_a_different_recipe(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "run"
-    code = cli.main(["train", os.path.join(ROOT, "recipes", "demo.yaml"), "--out", str(out), "--quiet"])
-    assert code == 0
-    return out
+    def make(folder):
+        assert cli.main(["train", os.path.join(ROOT, "recipes", "demo.yaml"), "--out", str(folder / "run"),
+                         "--quiet"]) == 0
+    return made_once(tmp_path_factory, "demo", make) / "run"
 
 
 @pytest.mark.slow
@@ -152,21 +152,22 @@ def cifar_subset(tmp_path_factory):
     """40 training and 10 test JPEGs per class from the shared CIFAR-10 archive, as an ImageFolder."""
     if not os.path.exists(CIFAR_TAR):
         pytest.skip("../shared/data/cifar10-jpg.tar.gz is not here")
-    root = tmp_path_factory.mktemp("cifar10")
     keep = {"train": 40, "test": 10}
-    counts: dict[tuple[str, str], int] = {}
-    with tarfile.open(CIFAR_TAR) as tf:
-        members = []
-        for m in tf:
-            parts = m.name.strip("./").split("/")
-            if m.isfile() and len(parts) >= 3 and parts[-3] in keep:
-                key = (parts[-3], parts[-2])
-                if counts.get(key, 0) < keep[parts[-3]]:
-                    counts[key] = counts.get(key, 0) + 1
-                    m.name = "/".join(parts[-3:])
-                    members.append(m)
-        tf.extractall(root, members=members, filter="data")
-    return root
+
+    def extract(root):
+        counts: dict[tuple[str, str], int] = {}
+        with tarfile.open(CIFAR_TAR) as tf:
+            members = []
+            for m in tf:
+                parts = m.name.strip("./").split("/")
+                if m.isfile() and len(parts) >= 3 and parts[-3] in keep:
+                    key = (parts[-3], parts[-2])
+                    if counts.get(key, 0) < keep[parts[-3]]:
+                        counts[key] = counts.get(key, 0) + 1
+                        m.name = "/".join(parts[-3:])
+                        members.append(m)
+            tf.extractall(root, members=members, filter="data")
+    return made_once(tmp_path_factory, "cifar10", extract)
 
 
 @pytest.mark.slow
