@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# What each of airbench94's techniques is worth inside cadence (issue #21): the candidate that beats it,
-# recipes/cifar10-airbench-progressive.yaml (airbench's recipe in cadence's keys, its first four epochs
-# at 24 and 28 px), with one technique taken out at a time. Each seed is trained alone on one core with
+# What each of airbench94's techniques is worth inside cadence (issue #21): the recipe that beats it,
+# recipes/cifar10-fast.yaml (airbench's recipe in cadence's keys, its first four epochs at 24 and 28 px),
+# with one technique taken out at a time. Each seed is trained alone on one core with
 # one thread by `benchmarks/vs_airbench.py --cadence-only`, in two lanes (one per core), and read against
 # airbench94's run of the same seed. Every result is added to benchmarks/figures/vs_airbench.json (a
-# seed takes ~1.2 h of CPU here, so the figures of several sessions add up there), where the candidate's
-# own seeds are too. (What progressive resizing adds is the candidate against recipes/cifar10-airbench.yaml.)
+# seed takes ~1.2 h of CPU here, so the figures of several sessions add up there), where the recipe's
+# own seeds are too. (What progressive resizing adds is cifar10-fast.yaml against cifar10-airbench.yaml.)
 #
 #   benchmarks/airbench_ablations.sh CIFAR10_ROOT [OUT] [SEEDS] [ABLATION ...]
 #
@@ -23,7 +23,7 @@ root=${1:?usage: benchmarks/airbench_ablations.sh CIFAR10_ROOT [OUT] [SEEDS] [AB
 out=${2:-runs/vs-airbench}
 seeds=${3:-0}
 shift $(($# < 3 ? $# : 3))
-recipe=${RECIPE:-recipes/cifar10-airbench-progressive.yaml}  # (the tests give a tiny recipe and results file)
+recipe=${RECIPE:-recipes/cifar10-fast.yaml}  # (the tests give a tiny recipe and results file)
 results=${RESULTS:-benchmarks/figures/vs_airbench.json}
 
 ablations=(  # name, then what is taken out of airbench's recipe as --set overrides; the default order

@@ -3,7 +3,7 @@ step and peak resident memory of a recipe's model at each stage's resolution, wi
 malloc settings against cadence's (no mmap for large blocks, freed memory kept). A process-wide
 setting, so each measurement is a fresh process; the two settings alternate, round by round.
 
-    python benchmarks/allocator.py recipes/cifar10-fast.yaml --set data.root=/path/to/cifar10
+    python benchmarks/allocator.py recipes/cifar10-fast-bf16.yaml --set data.root=/path/to/cifar10
 """
 
 from __future__ import annotations

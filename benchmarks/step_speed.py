@@ -2,7 +2,7 @@
 torch.compile), side by side in one process: images/s of ``train_step`` on one fixed batch at each
 stage's resolution, and the time of the first step (where torch.compile pays its compile time).
 
-    python benchmarks/step_speed.py recipes/cifar10-fast.yaml --set data.root=/path/to/cifar10 \\
+    python benchmarks/step_speed.py recipes/cifar10-fast-bf16.yaml --set data.root=/path/to/cifar10 \\
         --variant "fp32: train.precision=fp32" --variant "NCHW: train.channels_last=false" \\
         --variant "compiled: train.compile=true"
 

@@ -4,8 +4,8 @@ For each run, the wall time (data loading, model building, training and every ev
 at which held-out top-1 first reached each threshold, the same in training time alone (steps only, no
 loading or evaluation: fair between recipes that evaluate at different intervals), and the final top-1.
 
-    python benchmarks/time_to_accuracy.py --root /tmp/cifar --recipe recipes/cifar10-fast.yaml \\
-        --baseline recipes/cifar10-fast-baseline.yaml --seeds 0 1 2 --baseline-seeds 0 \\
+    python benchmarks/time_to_accuracy.py --root /tmp/cifar --recipe recipes/cifar10-fast-bf16.yaml \\
+        --baseline recipes/cifar10-fast-bf16-baseline.yaml --seeds 0 1 2 --baseline-seeds 0 \\
         --out runs/tta --ablate "no patch whitening: model.whiten=false" --ablate "no flip TTA: train.tta=none"
 
 Evaluations happen where the recipe says (``train.eval_every``), so a time to reach is the time

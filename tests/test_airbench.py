@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from cadence import data, evaluate, parts
@@ -214,16 +215,26 @@ def test_image_folders_flip_alternately_too(tmp_path):
 # -- schedule and evaluation ----------------------------------------------------------------------
 
 
-def test_the_airbench_recipe_schedule_is_airbenchs_triangle():
+@pytest.mark.parametrize("name", ["cifar10-airbench", "cifar10-fast"])
+def test_the_airbench_recipe_schedule_is_airbenchs_triangle(name):
     """airbench94: 476 steps at batch 1024; LR factor 0.2 -> 1 over int(0.23 T) = 109 steps, then
-    linearly toward 0.07 at T, per step."""
-    recipe = load_recipe(f"{ROOT}/recipes/cifar10-airbench.yaml")
+    linearly toward 0.07 at T, per step -- in cifar10-fast.yaml too, under its smaller first epochs."""
+    recipe = load_recipe(f"{ROOT}/recipes/{name}.yaml")
     t = recipe.timeline(train_samples=50000)
     assert len(t) == 476 and set(t.batch_size) == {1024}
     peak = t.base_lr
     for k in range(476):
         f = 0.2 + 0.8 * k / 109 if k < 109 else 1 - 0.93 * (k - 109) / 367
         assert t.lr[k] == pytest.approx(peak * f, rel=1e-9, abs=1e-12), k
+
+
+def test_cifar10_fast_is_the_airbench_recipe_with_smaller_first_epochs():
+    """What README says of cifar10-fast.yaml: airbench's recipe, only its first four epochs at 24 and 28 px."""
+    raw = {name: yaml.safe_load(open(f"{ROOT}/recipes/{name}.yaml")) for name in ("cifar10-airbench", "cifar10-fast")}
+    fast, airbench = raw["cifar10-fast"], raw["cifar10-airbench"]
+    assert {k for k in fast if fast[k] != airbench[k]} == {"name", "stages"}
+    t = load_recipe(f"{ROOT}/recipes/cifar10-fast.yaml").timeline(train_samples=50000)
+    assert [t.resolution[t.epoch.tolist().index(e)] for e in range(10)] == [24, 24, 28, 28] + [32] * 6
 
 
 def test_six_view_tta_in_closed_form():
