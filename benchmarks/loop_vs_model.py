@@ -17,6 +17,10 @@ itself, steps of each kind interleaved, medians compared. (b) against (a): what 
 the next step (caches); (c) against (b): what a fresh batch does; ``model / (fresh + making)``: the
 loop's share of model-only throughput, by its parts.
 
+``--clock cpu`` times by the process's CPU instead of the wall: pinned to one core with one thread
+(``taskset -c 1`` and ``OMP_NUM_THREADS=1``) it is the step's own CPU, which this shared VM's swings of
+speed move far less than the wall; a thread making batches ahead counts in it too.
+
     python benchmarks/loop_vs_model.py recipes/cifar10-progressive.yaml --set data.root=/path/to/cifar10
     python benchmarks/loop_vs_model.py recipes/cifar10-progressive.yaml --set data.root=/path/to/cifar10 \
         --set regularization.policy=trivialaugment --set regularization.random_erasing=0.1 \
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 from cadence import parts, train
 from cadence.data import loaders
@@ -42,7 +47,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--stages", type=int, nargs="+", help="only these stages (default: all)")
     p.add_argument("--parts", action="store_true", help="the in-step loop taken apart (in-memory sources)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="what each step is timed by")
     a = p.parse_args()
+    clock = CLOCKS[a.clock]
     recipe = load_recipe(a.recipe, a.sets)
     setup = parts.build_setup(recipe, a.recipe)
     trainer = train.Trainer(setup, run_dir="")
@@ -57,7 +64,7 @@ def main() -> None:
         if a.parts:
             if not in_memory(trainer):
                 p.error("--parts takes apart the in-step loop of an in-memory source; this recipe reads files")
-            print_parts(trainer, k, a.rounds, a.steps)
+            print_parts(trainer, k, a.rounds, a.steps, clock)
             continue
         loops = {"as training runs": lambda: iter(trainer.loader(k, epoch))}
         if in_memory(trainer):  # both ways, whichever training uses here
@@ -69,18 +76,22 @@ def main() -> None:
         rates: dict[str, list[float]] = {"model": [], **{name: [] for name in loops}}
         steps: dict[str, list[float]] = {name: [] for name in rates}  # each step's seconds
         for _ in range(a.rounds):
-            rates["model"].append(fixed_batch_rate(trainer, k, fixed, a.steps, steps["model"]))
+            rates["model"].append(fixed_batch_rate(trainer, k, fixed, a.steps, steps["model"], clock))
             for name, make in loops.items():
-                rates[name].append(loop_rate(trainer, k, make(), a.steps, steps[name]))
+                rates[name].append(loop_rate(trainer, k, make(), a.steps, steps[name], clock))
         m = statistics.median(rates["model"])
         per_step = {name: statistics.median(steps["model"]) / statistics.median(steps[name]) for name in loops}
         loop = ", ".join(f"loop ({name}) {statistics.median(rates[name]):.0f} img/s = "
                          f"{statistics.median(rates[name]) / m:.3f} (paired {paired(rates[name], rates['model']):.3f}, "
                          f"per-step medians {per_step[name]:.3f})" for name in loops)
-        print(f"stage {k} ({stage.resolution}px, batch {stage.batch_size}): model only {m:.0f} img/s, {loop}",
+        print(f"stage {k} ({stage.resolution}px, batch {stage.batch_size}, {a.clock} clock): model only {m:.0f} img/s, "
+              f"{loop}",
               flush=True)
     if in_memory(trainer):
         print(f"(training on {trainer.device.type} makes its batches {'ahead' if trainer.data.made_ahead else 'in step'})")
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def in_memory(trainer: train.Trainer) -> bool:
@@ -99,7 +110,8 @@ def paired(loop: list[float], model: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(loop, model))
 
 
-def loop_rate(trainer: train.Trainer, k: int, batches, steps: int, times: list | None = None) -> float:
+def loop_rate(trainer: train.Trainer, k: int, batches, steps: int, times: list | None = None,
+              clock=time.perf_counter) -> float:
     """images/s of ``steps`` steps of the real loop at stage ``k``, in steady state: the round starts
     with one batch in hand (untimed), and each timed step ends by taking the next batch -- made during
     the step (ahead) or then (in step) -- so the timed window makes exactly ``steps`` batches. The
@@ -111,7 +123,7 @@ def loop_rate(trainer: train.Trainer, k: int, batches, steps: int, times: list |
     mine: list[float] = []
     n = 0
     for i in range(steps):
-        with timed(mine):
+        with timed(mine, clock):
             trainer.train_step(*trainer.mixers[k](trainer.parts.normalize(x), y, start_step + i))
             n += len(y)
             x, y = next(batches)
@@ -122,7 +134,7 @@ def loop_rate(trainer: train.Trainer, k: int, batches, steps: int, times: list |
     return n / sum(mine)
 
 
-def print_parts(trainer: train.Trainer, k: int, rounds: int, steps: int) -> None:
+def print_parts(trainer: train.Trainer, k: int, rounds: int, steps: int, clock=time.perf_counter) -> None:
     """``--parts``: the in-step loop of stage ``k`` taken apart (the module's docstring), printed."""
     t = trainer.timeline
     start_step, epoch = t.stage_starts[k], t.epoch[t.stage_starts[k]]
@@ -139,21 +151,22 @@ def print_parts(trainer: train.Trainer, k: int, rounds: int, steps: int) -> None
     for _ in range(rounds):
         trainer.step = trainer.parts.scheduler.last_epoch = start_step  # inside the plan
         for _ in range(steps):
-            with timed(times["fixed"]):
+            with timed(times["fixed"], clock):
                 trainer.train_step(*fixed)
         for _ in range(steps):
             next(making)
-            with timed(times["fixed, a batch made before"]):
+            with timed(times["fixed, a batch made before"], clock):
                 trainer.train_step(*fixed)
         for i in range(steps):
-            with timed(times["making"]):
+            with timed(times["making"], clock):
                 x, y = next(making)
                 batch = trainer.mixers[k](trainer.parts.normalize(x), y, start_step + i)
-            with timed(times["fresh"]):
+            with timed(times["fresh"], clock):
                 trainer.train_step(*batch)
     med = {name: statistics.median(v) for name, v in times.items()}
     stage = trainer.recipe.stages[k]
-    print(f"stage {k} ({stage.resolution}px, batch {stage.batch_size}), medians of {rounds * steps} steps each:")
+    print(f"stage {k} ({stage.resolution}px, batch {stage.batch_size}), medians of {rounds * steps} steps each "
+          f"({'cpu' if clock is time.process_time else 'wall'} clock):")
     for name, v in times.items():
         print(f"  {name:28s} {med[name] * 1e3:7.1f} ms  (mean {statistics.mean(v) * 1e3:.1f})")
     print(f"  loop / model by its parts: {med['fixed'] / (med['fresh'] + med['making']):.3f}", flush=True)
