@@ -144,13 +144,27 @@ def test_lookahead_against_airbenchs_rule():
     assert torch.equal(net.weight, la.average["weight"])  # the run ends on the average of step 10
 
 
-def test_an_airbench_run_resumes_bit_for_bit(tmp_path):
+# airbench's keys that are not fastnet's, on a ResNet: group LR multipliers (its classifier's bias
+# too), frozen BatchNorm scales, BatchNorm settings, lookahead, translation, alternating flips, six views
+RESNET_TINY = {**AIRBENCH_TINY, "model": {"arch": "resnet18", "bn_momentum": 0.4, "bn_eps": 1e-3,
+                                          "zero_init_residual": False},  # (frozen at 0, a block never learns)
+               "optimizer": {**AIRBENCH_TINY["optimizer"], "groups": {
+                   "norm_bias": {"lr": 64, "weight_decay": 2e-5}, "norm_weight": {"frozen": True}, "bias": {"lr": 2}}}}
+
+
+@pytest.mark.parametrize("raw", [AIRBENCH_TINY, RESNET_TINY], ids=["fastnet", "resnet18"])
+def test_an_airbench_run_resumes_bit_for_bit(tmp_path, raw):
     """Lookahead's average, alternating flips (a global epoch's parity) and the group that stops
-    training after epoch 1 all carry across a kill mid-epoch."""
-    whole, final = run(AIRBENCH_TINY, str(tmp_path / "whole"))
+    training after epoch 1 all carry across a kill mid-epoch; the general keys serve a ResNet too."""
+    whole, final = run(raw, str(tmp_path / "whole"))
     assert final is not None and np.isfinite(final["val_loss"])
-    run(AIRBENCH_TINY, str(tmp_path / "resumed"), stop_at=4)  # mid-epoch 1
-    resumed, _ = run(AIRBENCH_TINY, str(tmp_path / "resumed"), resume=True)
+    bns = [m for m in whole.parts.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(m.momentum == 0.4 and torch.equal(m.weight, torch.ones_like(m.weight)) for m in bns)
+    lrs = {g.get("kind", "weight"): g["lr"] for g in whole.parts.optimizer.param_groups}
+    if raw is RESNET_TINY:
+        assert lrs["norm_bias"] == pytest.approx(64 * lrs["weight"]) and lrs["bias"] == pytest.approx(2 * lrs["weight"])
+    run(raw, str(tmp_path / "resumed"), stop_at=4)  # mid-epoch 1
+    resumed, _ = run(raw, str(tmp_path / "resumed"), resume=True)
     assert_same_state(whole, resumed)
     for k, v in whole.parts.lookahead.average.items():
         assert torch.equal(v, resumed.parts.lookahead.average[k]), k
@@ -285,6 +299,9 @@ def test_bad_airbench_keys_exit_2_naming_file_field_and_value(tmp_path, capsys, 
      "optimizer.groups.bias", "fastnet has no bias parameters; groups it has: norm_bias, norm_weight, whiten_bias"),
     ({"data": {"source": "imagefolder", "root": "."}, "regularization": {"translate": 2}}, "translate",
      "in-memory"),
+    ({"model": {"arch": "resnet18"}, "optimizer": {**TINY["optimizer"], "groups": {"norm_weight": {"frozen": True}}}},
+     "optimizer.groups.norm_weight.frozen", "8 of resnet18's normalisation scales start at 0 .* never learn; set "
+     "model.zero_init_residual: false"),
 ])
 def test_keys_the_model_or_source_cannot_apply_are_refused(change, field, says):
     from cadence.errors import FieldError
