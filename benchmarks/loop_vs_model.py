@@ -84,9 +84,8 @@ def main() -> None:
         loop = ", ".join(f"loop ({name}) {statistics.median(rates[name]):.0f} img/s = "
                          f"{statistics.median(rates[name]) / m:.3f} (paired {paired(rates[name], rates['model']):.3f}, "
                          f"per-step medians {per_step[name]:.3f})" for name in loops)
-        print(f"stage {k} ({stage.resolution}px, batch {stage.batch_size}, {a.clock} clock): model only {m:.0f} img/s, "
-              f"{loop}",
-              flush=True)
+        print(f"stage {k} ({stage.resolution}px, batch {stage.batch_size}, {a.clock} clock): "
+              f"model only {m:.0f} img/s, {loop}", flush=True)
     if in_memory(trainer):
         print(f"(training on {trainer.device.type} makes its batches {'ahead' if trainer.data.made_ahead else 'in step'})")
 
