@@ -231,27 +231,40 @@ def spread(xs: list[float], fmt: str) -> str:
 def table(results: list[dict], precision: str) -> str:
     """The results file as a markdown table: airbench over every seed it ran, then each cadence recipe
     (``name``) over its seeds, with its difference in top-1 and its CPU ratio against airbench's runs
-    of the same seeds (means of the per-seed figures)."""
+    of the same seeds (means of the per-seed figures); an ablation (``NAME@BASE``) also against BASE's
+    runs of the seeds both ran."""
     results = [r for r in results if precision_of(r) == precision]
     airbench = {}
     for r in results:
         airbench.setdefault(r["seed"], r["airbench"])
-    rows = ["| contender | seeds | held-out top-1 (%) | training CPU s | top-1 - airbench's (points) | CPU / airbench's |",
-            "|---|---|---|---|---|---|"]
+    by_name: dict[str, dict[int, dict]] = {}
+    for r in results:
+        by_name.setdefault(r.get("name", "cadence"), {})[r["seed"]] = r["cadence"]
+    rows = ["| contender | seeds | held-out top-1 (%) | training CPU s | top-1 - airbench's (points) | CPU / airbench's "
+            "| top-1 - its base's (points) | CPU / its base's |", "|---|---|---|---|---|---|---|---|"]
     seeds = sorted(airbench)
     rows.append(f"| airbench94, ported | {', '.join(map(str, seeds))} | "
                 f"{spread([100 * airbench[s]['acc'] for s in seeds], '{:.2f}')} | "
-                f"{spread([airbench[s]['cpu'] for s in seeds], '{:,.0f}')} | | |")
-    for name in dict.fromkeys(r.get("name", "cadence") for r in results):
-        mine = sorted((r for r in results if r.get("name", "cadence") == name), key=lambda r: r["seed"])
-        what = mine[0]["recipe"]
+                f"{spread([airbench[s]['cpu'] for s in seeds], '{:,.0f}')} | | | | |")
+    for name, runs in by_name.items():
+        mine = sorted(runs)
+        first = next(r for r in results if r.get("name", "cadence") == name)
+        what = first["recipe"]
         what = what[what.rfind("recipes/"):] if "recipes/" in what else what  # wherever the checkout was
-        what += "".join(f" `{s}`" for s in mine[0].get("sets", []))
-        rows.append(f"| {name} ({what}) | {', '.join(str(r['seed']) for r in mine)} | "
-                    f"{spread([100 * r['cadence']['acc'] for r in mine], '{:.2f}')} | "
-                    f"{spread([r['cadence']['cpu'] for r in mine], '{:,.0f}')} | "
-                    f"{spread([100 * (r['cadence']['acc'] - airbench[r['seed']]['acc']) for r in mine], '{:+.2f}')} | "
-                    f"{spread([r['cadence']['cpu'] / airbench[r['seed']]['cpu'] for r in mine], '{:.2f}')}x |")
+        what += "".join(f" `{s}`" for s in first.get("sets", []))
+        row = (f"| {name} ({what}) | {', '.join(map(str, mine))} | "
+               f"{spread([100 * runs[s]['acc'] for s in mine], '{:.2f}')} | "
+               f"{spread([runs[s]['cpu'] for s in mine], '{:,.0f}')} | "
+               f"{spread([100 * (runs[s]['acc'] - airbench[s]['acc']) for s in mine], '{:+.2f}')} | "
+               f"{spread([runs[s]['cpu'] / airbench[s]['cpu'] for s in mine], '{:.2f}')}x |")
+        base = by_name.get(name.partition("@")[2], {})
+        both = [s for s in mine if s in base]
+        if both:
+            row += (f" {spread([100 * (runs[s]['acc'] - base[s]['acc']) for s in both], '{:+.2f}')} | "
+                    f"{spread([runs[s]['cpu'] / base[s]['cpu'] for s in both], '{:.2f}')}x |")
+        else:
+            row += " | |"
+        rows.append(row)
     return "\n".join(rows)
 
 

@@ -404,10 +404,15 @@ def test_the_side_by_side_script_collects_a_named_recipe_against_the_same_airben
     other = subprocess.run([sys.executable, script, "--collect", "--name", "fast", "--seeds", "0", "--out", str(tmp_path),
                             "--results", str(kept), "--precision", "bf16"], capture_output=True, text=True)
     assert other.returncode == 2 and "no airbench run for seed 0" in other.stderr  # fp32's is no bf16 run
+    # an ablation of "fast" (NAME@BASE) is read against fast's run of the seed too
+    saved = json.loads(kept.read_text())
+    ablation = {**saved[-1], "name": "no-x@fast", "cadence": {**saved[-1]["cadence"], "acc": 0.9040, "cpu": 4500.0}}
+    kept.write_text(json.dumps(saved + [ablation]))
     rows = subprocess.run([sys.executable, script, "--table", "--results", str(kept)], capture_output=True, text=True,
                           check=True).stdout.splitlines()
-    assert rows[2] == "| airbench94, ported | 0 | 90.84 | 6,700 | | |"
-    assert rows[-1].startswith("| fast (") and rows[-1].endswith("| 0 | 90.90 | 5,000 | +0.06 | 0.75x |")
+    assert rows[2] == "| airbench94, ported | 0 | 90.84 | 6,700 | | | | |"
+    assert rows[-2].startswith("| fast (") and rows[-2].endswith("| 0 | 90.90 | 5,000 | +0.06 | 0.75x | | |")
+    assert rows[-1].startswith("| no-x@fast (") and rows[-1].endswith("| 0 | 90.40 | 4,500 | -0.44 | 0.67x | -0.50 | 0.90x |")
 
 
 @pytest.mark.slow  # trains a tiny recipe in a subprocess
