@@ -152,7 +152,8 @@ RESNET_TINY = {**AIRBENCH_TINY, "model": {"arch": "resnet18", "bn_momentum": 0.4
                    "norm_bias": {"lr": 64, "weight_decay": 2e-5}, "norm_weight": {"frozen": True}, "bias": {"lr": 2}}}}
 
 
-@pytest.mark.parametrize("raw", [AIRBENCH_TINY, RESNET_TINY], ids=["fastnet", "resnet18"])
+@pytest.mark.parametrize("raw", [pytest.param(AIRBENCH_TINY, id="fastnet"),
+                                 pytest.param(RESNET_TINY, id="resnet18", marks=pytest.mark.slow)])
 def test_an_airbench_run_resumes_bit_for_bit(tmp_path, raw):
     """Lookahead's average, alternating flips (a global epoch's parity) and the group that stops
     training after epoch 1 all carry across a kill mid-epoch; the general keys serve a ResNet too."""
