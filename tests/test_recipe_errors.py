@@ -89,6 +89,9 @@ CASES = [
      "0.1"),
     ("no stages", edit("stages", []), [], "stages", "[]"),
     ("batch larger than an epoch", GOOD, ["stages.1.batch_size=600"], "stages.1.batch_size", "600"),
+    ("resolution past int32 (the fuzzer found 1e308)", GOOD, ["stages.1.resolution=1.0e+12"], "stages.1.resolution",
+     "1000000000000"),
+    ("eval_resolution past any image", GOOD, ["train.eval_resolution=100000"], "train.eval_resolution", "100000"),
     ("train_samples 0", edit("data.train_samples", 0), [], "data.train_samples", "0"),
     ("eval_crop_pct 0", GOOD, ["train.eval_crop_pct=0"], "train.eval_crop_pct", "0.0"),
     ("eval_crop_pct above 1", GOOD, ["train.eval_crop_pct=1.2"], "train.eval_crop_pct", "1.2"),
@@ -223,8 +226,9 @@ def test_subprocess_good_recipe_exits_0(tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["train", "good.yaml", "--max-steps", "-3"], "--max-steps: -3: must be >= 1"),
-    (["eval", "somewhere", "--resolution", "0"], "--resolution: 0: must be >= 8 px"),
-    (["eval", "somewhere", "--resolution", "16", "4"], "--resolution: 4: must be >= 8 px"),
+    (["eval", "somewhere", "--resolution", "0"], "--resolution: 0: must be 8 .. 65536 px"),
+    (["eval", "somewhere", "--resolution", "16", "4"], "--resolution: 4: must be 8 .. 65536 px"),
+    (["eval", "somewhere", "--resolution", "70000"], "--resolution: 70000: must be 8 .. 65536 px"),
     (["eval", "somewhere", "--resolution", "16", "16"], "--resolution: [16, 16]: gives a resolution twice"),
     (["prepare", "good.yaml", "--out", "copy"], "good.yaml: data.source: "),
 ])

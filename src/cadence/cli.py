@@ -136,13 +136,14 @@ def _result_line(result: dict, elapsed: float | None = None) -> str:
 def cmd_eval(args) -> int:
     from cadence import checkpoint, parts
     from cadence.evaluate import best, sweep
+    from cadence.plan import MAX_RESOLUTION
     from cadence.recipe import load_recipe
     from cadence.rundir import RunDir
 
     resolutions = args.resolution or [None]  # None: the recipe's
     for r in args.resolution or []:
-        if r < 8:
-            raise FieldError("--resolution", r, "must be >= 8 px")
+        if not 8 <= r <= MAX_RESOLUTION:
+            raise FieldError("--resolution", r, f"must be 8 .. {MAX_RESOLUTION} px")
     if len(set(resolutions)) < len(resolutions):
         raise FieldError("--resolution", args.resolution, "gives a resolution twice")
     run = RunDir(args.run_dir)

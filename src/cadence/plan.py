@@ -79,6 +79,9 @@ class Column:
         return f"Column({self.array!r})"
 
 
+MAX_RESOLUTION = 65536  # px: past any image a model is trained on, and inside the plan's int32 columns
+
+
 @dataclass(frozen=True)
 class Stage:
     """``epochs`` passes over ``data_fraction`` of the training set at ``resolution`` px, with
@@ -92,7 +95,7 @@ class Stage:
 
     def __post_init__(self):
         checks = [("epochs", self.epochs >= 1, "must be >= 1"),
-                  ("resolution", self.resolution >= 8, "must be >= 8 px"),
+                  ("resolution", 8 <= self.resolution <= MAX_RESOLUTION, f"must be 8 .. {MAX_RESOLUTION} px"),
                   ("batch_size", self.batch_size >= 1, "must be >= 1"),
                   ("data_fraction", 0 < self.data_fraction <= 1, "must be in (0, 1]")]
         for name, ok, message in checks:

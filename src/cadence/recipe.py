@@ -19,7 +19,7 @@ import yaml
 from cadence import schedules
 from cadence.errors import FieldError
 from cadence import regularization
-from cadence.plan import LrScaling, Progress, Scope, Stage, Timeline, ema_decays, make_timeline
+from cadence.plan import MAX_RESOLUTION, LrScaling, Progress, Scope, Stage, Timeline, ema_decays, make_timeline
 from cadence.regularization import Regularization
 from cadence.schedules import Duration, Piece, ScheduleSpec
 
@@ -256,8 +256,10 @@ class TrainConfig:
 
     def __post_init__(self):
         _check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "must be in [0, 1)")
-        _check(self.eval_resolution is None or self.eval_resolution >= 8, "eval_resolution",
-               self.eval_resolution, "must be >= 8 px")
+        _check(self.eval_resolution is None or 8 <= self.eval_resolution <= MAX_RESOLUTION, "eval_resolution",
+               self.eval_resolution, f"must be 8 .. {MAX_RESOLUTION} px")
+        _check(self.eval_resize is None or self.eval_resize <= MAX_RESOLUTION, "eval_resize", self.eval_resize,
+               f"must be at most {MAX_RESOLUTION} px")
         _check(self.eval_crop_pct is None or 0 < self.eval_crop_pct <= 1, "eval_crop_pct", self.eval_crop_pct,
                "must be in (0, 1]")
         _check(self.eval_resize is None or self.eval_crop_pct is None, "eval_resize", self.eval_resize,
