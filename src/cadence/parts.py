@@ -106,13 +106,14 @@ def build_setup(recipe: Recipe, recipe_file: str | None = None) -> Setup:
 def check_groups(recipe: Recipe, source: data.Source) -> None:
     """Each parameter group the recipe sets names a kind of parameter its model has (a group of none
     would change nothing, silently: fastnet has no plain biases, only a whitening stem has a
-    whiten_bias). The model is built on the meta device: no memory, no initialisation. Frozen
-    normalisation scales must not start at 0 (zero-initialised residual blocks would stay dead): that
-    takes a model with its initial values, built aside from the run's random numbers."""
+    whiten_bias), and frozen normalisation scales do not start at 0 (zero-initialised residual blocks
+    would stay dead). The model is built once, on the meta device (no memory, no initialisation) unless
+    the scales' initial values are needed, and then aside from the run's random numbers."""
     own = recipe.optimizer.groups.set()
     if not own:
         return
-    with torch.device("meta"):
+    frozen_scales = own.get("norm_weight") is not None and own["norm_weight"].frozen
+    with torch.random.fork_rng(devices=[]), torch.device("cpu" if frozen_scales else "meta"):
         model = models.build_model(recipe.model, source.num_classes, source.channels)
     have = {kind for kind, _ in models.parameter_kinds(model)}
     for kind in own:
@@ -121,9 +122,7 @@ def check_groups(recipe: Recipe, source: data.Source) -> None:
             groups = ", ".join(sorted(have & {f.name for f in dataclasses.fields(GroupsConfig)}))  # the kinds a group can name
             raise FieldError(f"optimizer.groups.{kind}", "set", f"but {recipe.model.arch} has no {kind} "
                              f"parameters{hint}; groups it has: {groups}")
-    if own.get("norm_weight") is not None and own["norm_weight"].frozen:
-        with torch.random.fork_rng(devices=[]):  # built for its initial values; the run's weights draw as before
-            model = models.build_model(recipe.model, source.num_classes, source.channels)
+    if frozen_scales:
         zero = sum(1 for kind, p in models.parameter_kinds(model) if kind == "norm_weight" and not p.detach().any())
         if zero:  # a residual block's last scale, started at 0 and frozen there: the block never learns
             raise FieldError("optimizer.groups.norm_weight.frozen", True, f"but {zero} of {recipe.model.arch}'s "
