@@ -64,7 +64,7 @@ def main() -> None:
         if a.parts:
             if not in_memory(trainer):
                 p.error("--parts takes apart the in-step loop of an in-memory source; this recipe reads files")
-            print_parts(trainer, k, a.rounds, a.steps, clock)
+            print_parts(trainer, k, a.rounds, a.steps, a.clock)
             continue
         loops = {"as training runs": lambda: iter(trainer.loader(k, epoch))}
         if in_memory(trainer):  # both ways, whichever training uses here
@@ -133,8 +133,10 @@ def loop_rate(trainer: train.Trainer, k: int, batches, steps: int, times: list |
     return n / sum(mine)
 
 
-def print_parts(trainer: train.Trainer, k: int, rounds: int, steps: int, clock=time.perf_counter) -> None:
-    """``--parts``: the in-step loop of stage ``k`` taken apart (the module's docstring), printed."""
+def print_parts(trainer: train.Trainer, k: int, rounds: int, steps: int, clock_name: str = "wall") -> None:
+    """``--parts``: the in-step loop of stage ``k`` taken apart (the module's docstring), printed, each
+    step timed by ``CLOCKS[clock_name]``."""
+    clock = CLOCKS[clock_name]
     t = trainer.timeline
     start_step, epoch = t.stage_starts[k], t.epoch[t.stage_starts[k]]
 
@@ -165,7 +167,7 @@ def print_parts(trainer: train.Trainer, k: int, rounds: int, steps: int, clock=t
     med = {name: statistics.median(v) for name, v in times.items()}
     stage = trainer.recipe.stages[k]
     print(f"stage {k} ({stage.resolution}px, batch {stage.batch_size}), medians of {rounds * steps} steps each "
-          f"({'cpu' if clock is time.process_time else 'wall'} clock):")
+          f"({clock_name} clock):")
     for name, v in times.items():
         print(f"  {name:28s} {med[name] * 1e3:7.1f} ms  (mean {statistics.mean(v) * 1e3:.1f})")
     print(f"  loop / model by its parts: {med['fixed'] / (med['fresh'] + med['making']):.3f}", flush=True)
