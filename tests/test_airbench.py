@@ -71,6 +71,7 @@ def test_group_lrs_follow_the_plan_with_their_multiplier_and_stop_after_their_ep
         p.scheduler.step()
 
 
+@pytest.mark.slow  # trains four tiny runs
 def test_frozen_and_finished_groups_do_not_move_in_training(tmp_path):
     trainer, _ = run(AIRBENCH_TINY, str(tmp_path / "run"))
     model = trainer.parts.model
@@ -152,8 +153,8 @@ RESNET_TINY = {**AIRBENCH_TINY, "model": {"arch": "resnet18", "bn_momentum": 0.4
                    "norm_bias": {"lr": 64, "weight_decay": 2e-5}, "norm_weight": {"frozen": True}, "bias": {"lr": 2}}}}
 
 
-@pytest.mark.parametrize("raw", [pytest.param(AIRBENCH_TINY, id="fastnet"),
-                                 pytest.param(RESNET_TINY, id="resnet18", marks=pytest.mark.slow)])
+@pytest.mark.slow  # trains three runs each
+@pytest.mark.parametrize("raw", [pytest.param(AIRBENCH_TINY, id="fastnet"), pytest.param(RESNET_TINY, id="resnet18")])
 def test_an_airbench_run_resumes_bit_for_bit(tmp_path, raw):
     """Lookahead's average, alternating flips (a global epoch's parity) and the group that stops
     training after epoch 1 all carry across a kill mid-epoch; the general keys serve a ResNet too."""
