@@ -40,7 +40,8 @@ Each seed's figures go to ``--results`` (default ``OUT/results.json``). Runs of 
 here and run directories do not outlive a session, so the project keeps its measurements in
 ``benchmarks/figures/vs_airbench.json``: give that file as ``--results`` and seeds measured in other
 sessions count in the mean over seeds, and ``--cadence-only`` reads airbench's run of a seed from it.
-``--table`` prints the file as the markdown table of benchmarks/RESULTS.md.
+``--table`` prints the file as the markdown table of benchmarks/RESULTS.md, and for the seeds run as a pair
+with ``--curve``, a second: the CPU each contender took to reach the other's accuracy.
 """
 
 from __future__ import annotations
@@ -223,6 +224,12 @@ def airbench_of(out: str, results: str, seed: int, precision: str) -> dict | Non
                  if x["seed"] == seed and precision_of(x) == precision), None)
 
 
+def has_curves(r: dict) -> bool:
+    """Whether a seed's entry has both contenders evaluated after every epoch: run with ``--curve`` as a
+    pair (``--cadence-only`` reads airbench's record of the seed, its final point alone)."""
+    return bool(r.get("curve")) and all(len(r[who]["curve"]) > 1 for who in ("airbench", "cadence"))
+
+
 def spread(xs: list[float], fmt: str) -> str:
     sd = fmt.replace("+", "")  # a spread has no sign
     return fmt.format(statistics.mean(xs)) + (" +- " + sd.format(statistics.stdev(xs)) if len(xs) > 1 else "")
@@ -265,7 +272,31 @@ def table(results: list[dict], precision: str) -> str:
         else:
             row += " | |"
         rows.append(row)
-    return "\n".join(rows)
+    return "\n".join(rows + reach_table(results))
+
+
+def reach_table(results: list[dict]) -> list[str]:
+    """The seeds run with ``--curve`` (both contenders evaluated after every epoch), as a second table:
+    each contender's training CPU until its held-out top-1 first reached the other's final one, by
+    cadence recipe (means over the seeds where it did; how many did not). None when no seed has curves."""
+    def reached(ts: list[float | None]) -> str:
+        got = [t for t in ts if t is not None]
+        missed = len(ts) - len(got)
+        return "; ".join(([spread(got, "{:,.0f}")] if got else []) + ([f"not reached in {missed} of {len(ts)}"]
+                                                                       if missed else []))
+    by_name: dict[str, list[dict]] = {}
+    for r in results:
+        if has_curves(r):
+            by_name.setdefault(r.get("name", "cadence"), []).append(r)
+    if not by_name:
+        return []
+    rows = ["", "| contender (seeds evaluated after every epoch) | seeds | its CPU s to reach airbench's top-1 "
+            "| airbench's CPU s to reach its top-1 |", "|---|---|---|---|"]
+    for name, runs in by_name.items():
+        rows.append(f"| {name} | {', '.join(str(r['seed']) for r in runs)} | "
+                    f"{reached([r['cadence']['to_reach_other'] for r in runs])} | "
+                    f"{reached([r['airbench']['to_reach_other'] for r in runs])} |")
+    return rows
 
 
 def main() -> None:
@@ -341,10 +372,11 @@ def main() -> None:
             whole = {"airbench": None, **wait_all(procs)}
             airbench_done = a.cadence_only or procs["airbench"].returncode == 0
             if procs["cadence"].returncode in PAUSED and airbench_done:
+                again = ("this command again" if a.cadence_only else f"airbench's run is whole. Continue cadence "
+                         f"alone on its core: this command again with --cadence-only --seeds {seed}")
                 sys.exit(f"vs_airbench: cadence (seed {seed}) stopped at a checkpoint (its training CPU is in it); "
-                         f"airbench's run is whole. Continue cadence alone on its core: this command again with "
-                         f"--cadence-only --seeds {seed} (the same recipe in the same run directory goes on from its "
-                         f"checkpoint), then without it for the seeds after {seed}")
+                         f"{again} (the same recipe in the same run directory goes on from its checkpoint)"
+                         + ("" if a.cadence_only else f", then without it for the seeds after {seed}"))
             logs = {"airbench": "airbench", "cadence": a.name}
             for name, proc in procs.items():
                 if proc.returncode:
@@ -359,7 +391,7 @@ def main() -> None:
             known = whole[name] is not None and not (name == "cadence" and partial)
             r[name]["process_cpu"] = whole[name] if known else r[name].get("process_cpu")
         other = {"airbench": "cadence", "cadence": "airbench"}
-        curves = a.curve and all(len(r[name]["curve"]) > 1 for name in other)  # not a record's final point
+        curves = has_curves(r)
         for name in ("airbench", "cadence"):
             r[name]["to_reach_other"] = reach(r[name]["curve"], r[other[name]]["acc"]) if curves else None
         record(saved, r)

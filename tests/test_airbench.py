@@ -351,6 +351,35 @@ def test_the_side_by_side_script_lets_airbench_finish_when_cadence_stops_at_a_ch
     assert failed["airbench"].returncode == -15 and failed["cadence"].returncode == 1
 
 
+def test_the_side_by_side_table_reads_the_seeds_with_curves_for_cpu_to_reach_the_others_accuracy():
+    """``--table``: seeds run as a pair with ``--curve`` add a table of each contender's training CPU
+    until it first reached the other's final top-1 (a mean over the seeds it did, and how many it did
+    not); a seed without both curves (``--cadence-only`` reads airbench's final point alone) is left out."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vs_airbench", os.path.join(ROOT, "benchmarks", "vs_airbench.py"))
+    vs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vs)
+    airbench = [[600.0, 0.80], [1200.0, 0.905], [1800.0, 0.9080]]
+    cadence = [[[500.0, 0.85], [1000.0, 0.9085], [1400.0, 0.9090]], [[500.0, 0.85], [1000.0, 0.9070], [1300.0, 0.9075]]]
+    results = []
+    for seed, curve in enumerate(cadence):
+        a = {"acc": airbench[-1][1], "cpu": airbench[-1][0], "curve": airbench}
+        c = {"acc": curve[-1][1], "cpu": curve[-1][0], "curve": curve}
+        a["to_reach_other"], c["to_reach_other"] = vs.reach(airbench, c["acc"]), vs.reach(curve, a["acc"])
+        results.append({"name": "fast", "recipe": "recipes/x.yaml", "seed": seed, "curve": True, "airbench": a,
+                        "cadence": c})
+    # seed 0: cadence passed airbench's 90.80% at its second epoch, airbench never reached its 90.90%;
+    # seed 1: cadence's 90.75% never reached airbench's, which airbench passed in its last epoch
+    assert [(r["cadence"]["to_reach_other"], r["airbench"]["to_reach_other"]) for r in results] == [
+        (1000.0, None), (None, 1800.0)]
+    results.append({**results[0], "name": "alone", "curve": True,  # --cadence-only: airbench's final point
+                    "airbench": {**results[0]["airbench"], "curve": [[1800.0, 0.9080]]}})
+    rows = vs.table(results, "fp32").splitlines()
+    at = rows.index("") + 3
+    assert rows[at:] == ["| fast | 0, 1 | 1,000; not reached in 1 of 2 | 1,800; not reached in 1 of 2 |"]
+
+
 @pytest.mark.slow  # trains a tiny recipe in a subprocess
 def test_the_side_by_side_script_collects_a_named_recipe_against_the_same_airbench_run(tmp_path):
     """``--collect --name``: a second cadence recipe read against an airbench run already logged; the
