@@ -291,27 +291,60 @@ def test_bad_airbench_keys_exit_2_naming_file_field_and_value(tmp_path, capsys, 
     assert_plan_refuses(tmp_path, capsys, where, value, says)
 
 
-@pytest.mark.parametrize("change, field, says", [
+MODEL_REFUSES = [  # (change to TINY, field, what the one line says): what its model cannot apply
     ({"model": {"arch": "resnet18", "dirac": True}}, "model.dirac", "fastnet's"),
     ({"model": {"arch": "resnet18", "pool_ceil": False}}, "model.pool_ceil", "fastnet's"),
-    ({"data": {"source": "digits"}, "regularization": {"flip": "alternate"}}, "flip", "never flipped"),
     ({"optimizer": {**TINY["optimizer"], "groups": {"whiten_bias": {"epochs": 1}}}}, "whiten_bias",
      "no whiten_bias parameters .a whitening stem's"),
     ({"model": {"whiten": True}, "optimizer": {**TINY["optimizer"], "groups": {"bias": {"lr": 64}}}},
      "optimizer.groups.bias", "fastnet has no bias parameters; groups it has: norm_bias, norm_weight, whiten_bias"),
-    ({"data": {"source": "imagefolder", "root": "."}, "regularization": {"translate": 2}}, "translate",
-     "in-memory"),
     ({"model": {"arch": "resnet18"}, "optimizer": {**TINY["optimizer"], "groups": {"norm_weight": {"frozen": True}}}},
      "optimizer.groups.norm_weight.frozen", "8 of resnet18's normalisation scales start at 0 .* never learn; set "
      "model.zero_init_residual: false"),
+]
+
+
+def changed(change: dict) -> dict:
+    return {**TINY, **change, "model": {**TINY["model"], **change.get("model", {})}}
+
+
+@pytest.mark.parametrize("change, field, says", MODEL_REFUSES + [
+    ({"data": {"source": "digits"}, "regularization": {"flip": "alternate"}}, "flip", "never flipped"),
+    ({"data": {"source": "imagefolder", "root": "."}, "regularization": {"translate": 2}}, "translate",
+     "in-memory"),
 ])
 def test_keys_the_model_or_source_cannot_apply_are_refused(change, field, says):
     from cadence.errors import FieldError
 
-    raw = {**TINY, **change, "model": {**TINY["model"], **change.get("model", {})}}
     with pytest.raises(FieldError, match=says) as e:
-        parts.build_setup(recipe_from_dict(raw))
+        parts.build_setup(recipe_from_dict(changed(change)))
     assert field in str(e.value)
+
+
+@pytest.mark.parametrize("change, field, says", MODEL_REFUSES)
+def test_cadence_plan_refuses_what_the_model_cannot_apply_before_any_data(tmp_path, capsys, change, field, says):
+    """The plan, made with no data, checks the recipe against its model as training will (parameter
+    groups: the model built on the meta device, or on the CPU for the initial scales)."""
+    import re
+
+    from cadence.cli import main as cadence_main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**changed(change), "data": {"source": "cifar10", "root": "/nowhere"}}))
+    assert cadence_main(["plan", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and field in err and re.search(says, err), err
+
+
+def test_cadence_plan_says_when_it_cannot_check_the_groups_without_timm(tmp_path, capsys, monkeypatch):
+    from cadence import models
+    from cadence.cli import main as cadence_main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(changed(MODEL_REFUSES[-1][0])))  # would be refused, if it could be built
+    monkeypatch.setattr(models, "timm_missing", lambda model, optimizer: True)
+    assert cadence_main(["plan", str(path)]) == 0
+    assert "parameter groups not checked: the model or optimizer needs timm" in capsys.readouterr().out
 
 
 def test_the_airbench_recipe_plans_and_names_its_keys(capsys):

@@ -68,6 +68,7 @@ def test_there_is_no_import_cycle_even_through_lazy_imports():
 
 
 def test_the_recipe_layer_and_the_plan_command_never_load_torch():
+    """(Unless a recipe sets parameter groups: plan checks them on its model, built on the meta device.)"""
     recipe = os.path.join(os.path.dirname(SRC), "recipes", "imagenet-resnet50-progressive.yaml")
     code = ("import sys, contextlib, io; import cadence.recipe, cadence.plan, cadence.schedules, cadence.changes, "
             "cadence.rundir, cadence.files, cadence.smoothing; from cadence import cli\n"

@@ -38,6 +38,9 @@ DELETE = object()
 CASES = [
     ("unknown key", edit("optimizer.lrr", 0.1), [], "optimizer.lrr", "0.1"),
     ("fastnet widths: two blocks", GOOD, ["model.widths=[32, 64]"], "model.widths", "[32, 64]"),
+    ("no such model", GOOD, ["model.arch=resnet-50"], "model.arch", "'resnet-50'"),
+    ("timm model without a name", GOOD, ["model.arch=timm/"], "model.arch", "'timm/'"),
+    ("fastnet's setting on a ResNet", GOOD, ["model.arch=resnet50", "model.dirac=true"], "model.dirac", "True"),
     ("fastnet widths: zero", GOOD, ["model.widths=[32, 0, 64]"], "model.widths", "[32, 0, 64]"),
     ("unknown top-level key", edit("epochs", 3), [], "epochs", "3"),
     ("unknown stage key", edit("stages.1.res", 64), [], "stages.1.res", "64"),

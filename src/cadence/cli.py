@@ -21,13 +21,27 @@ def _set_arg(p: argparse.ArgumentParser, help: str = "override a recipe field, e
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help=help)
 
 
+def plan_checks_groups(recipe) -> bool:
+    """The recipe's parameter groups checked against its model, built on the meta device (what loading
+    the recipe cannot see: a group of parameters the model has none of, frozen scales that start at 0);
+    plan has no data, and any class count does. Returns whether the check was skipped: a timm model or
+    optimizer where timm is not installed. (This imports torch, which plan otherwise does not.)"""
+    from cadence import models, parts
+
+    if models.timm_missing(recipe.model, recipe.optimizer):
+        return True
+    parts.check_model(recipe, recipe.model.num_classes or 1000, channels=3)
+    return False
+
+
 def cmd_plan(args) -> int:
-    from cadence.recipe import load_recipe
     from cadence import report
+    from cadence.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.sets)
     try:
         timeline = recipe.timeline(world_size=args.world_size)
+        unchecked = bool(recipe.optimizer.groups.set()) and plan_checks_groups(recipe)
     except FieldError as e:
         raise e.within(file=args.recipe) from None
     print(f"{recipe.name}: {recipe.data.train_size():,} training images, "
@@ -38,6 +52,9 @@ def cmd_plan(args) -> int:
               f"LR {rt.start:g} to {rt.end:g}, on stage 0) will choose")
     print(report.plan_table(timeline))
     print("\n".join(report.training_lines(recipe)))
+    if unchecked:
+        print("parameter groups not checked: the model or optimizer needs timm, not installed here "
+              "(cadence train checks them)")
     if args.measure or args.memory_limit:
         from cadence import measure
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 from torch import nn
 import torchvision
 
 from cadence.errors import FieldError
-from cadence.recipe import GroupConfig, GroupsConfig, ModelConfig, OptimizerConfig
+from cadence.recipe import ARCHS, TIMM, GroupConfig, GroupsConfig, ModelConfig, OptimizerConfig
 
 
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
@@ -90,14 +91,12 @@ def _cifar_resnet18(cfg: ModelConfig, num_classes: int, in_channels: int) -> nn.
     return m
 
 
-ARCHS = {
+BUILDERS = {  # recipe.ARCHS, each name's builder
     "fastnet": lambda cfg, n, c: FastNet(n, c, cfg.width, cfg.whiten, cfg.widths, cfg.dirac, cfg.pool_ceil),
     "cifar_resnet18": _cifar_resnet18,
     **{name: _resnet(name) for name in ("resnet18", "resnet34", "resnet50", "resnet101")},
 }
-
-
-TIMM = "timm/"  # model.arch: timm/<name> is timm.create_model(name)
+assert tuple(BUILDERS) == ARCHS
 TIMM_OPTIMIZERS = {"lamb": "Lamb", "lars": "Lars", "lion": "Lion"}  # optimizer.name -> timm.optim class
 
 
@@ -111,18 +110,18 @@ def _timm(field: str, value: object):
     return timm
 
 
+def timm_missing(model: ModelConfig, optimizer: OptimizerConfig) -> bool:
+    """Whether the recipe needs timm (a ``timm/`` model, a large-batch optimizer) and it is not installed."""
+    needed = model.arch.startswith(TIMM) or optimizer.name in TIMM_OPTIMIZERS
+    return needed and importlib.util.find_spec("timm") is None
+
+
 def check_arch(cfg: ModelConfig) -> None:
+    """A timm model exists (timm installed); the recipe checked the rest of ``model`` when it was read."""
     if cfg.arch.startswith(TIMM):
         if not _timm("model.arch", cfg.arch).is_model(cfg.arch[len(TIMM):]):
             raise FieldError("model.arch", cfg.arch, f"timm has no model {cfg.arch[len(TIMM):]!r} "
                              "(timm.list_models('*pattern*') lists them)")
-    elif cfg.arch not in ARCHS:
-        raise FieldError("model.arch", cfg.arch, "no such model (have: " + ", ".join(ARCHS) + ", or timm/<name>)")
-    if cfg.whiten and cfg.arch != "fastnet":
-        raise FieldError("model.whiten", True, f"patch whitening is a fastnet stem, not {cfg.arch}'s")
-    for key, off in (("widths", None), ("dirac", False), ("pool_ceil", True)):
-        if getattr(cfg, key) != off and cfg.arch != "fastnet":
-            raise FieldError(f"model.{key}", getattr(cfg, key), f"is a setting of fastnet's, not {cfg.arch}'s")
 
 
 def build_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
@@ -134,7 +133,7 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3) -> nn.
         model = _timm("model.arch", cfg.arch).create_model(cfg.arch[len(TIMM):], pretrained=False,
                                                            num_classes=num_classes, in_chans=in_channels)
     else:
-        model = ARCHS[cfg.arch](cfg, num_classes, in_channels)
+        model = BUILDERS[cfg.arch](cfg, num_classes, in_channels)
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.momentum = m.momentum if cfg.bn_momentum is None else cfg.bn_momentum

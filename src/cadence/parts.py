@@ -73,8 +73,6 @@ class Setup:
 def build_setup(recipe: Recipe, recipe_file: str | None = None) -> Setup:
     """Check the recipe against the data and the machine; raises FieldError (file named)."""
     try:
-        models.check_arch(recipe.model)
-        models.check_optimizer(recipe.optimizer)
         loggers.check(recipe.train.loggers)
         device = pick_device(recipe.train.device)
         source = data.load_source(recipe.data)
@@ -84,7 +82,7 @@ def build_setup(recipe: Recipe, recipe_file: str | None = None) -> Setup:
         if recipe.model.whiten and source.native_size is None:
             raise FieldError("model.whiten", True, "is set from in-memory images (cifar10, synthetic, digits), "
                              f"not from {recipe.data.source} files")
-        check_groups(recipe, source)
+        check_model(recipe, source.num_classes, source.channels)
         if not source.flip:
             for k, r in enumerate(recipe.stage_regularization()):
                 if r.flip != "random":
@@ -103,7 +101,17 @@ def build_setup(recipe: Recipe, recipe_file: str | None = None) -> Setup:
     return Setup(recipe, source, timeline, device, dist=place)
 
 
-def check_groups(recipe: Recipe, source: data.Source) -> None:
+def check_model(recipe: Recipe, num_classes: int, channels: int) -> None:
+    """What the recipe asks of its model and optimizer, checked before anything is built or written:
+    the architecture exists (timm's: timm installed), its settings are its own, the optimizer can be
+    made, and each parameter group names parameters the model has (``check_groups``). Needs no data:
+    ``cadence plan`` runs it too, with stand-in class and channel counts (the checks do not depend on them)."""
+    models.check_arch(recipe.model)
+    models.check_optimizer(recipe.optimizer)
+    check_groups(recipe, num_classes, channels)
+
+
+def check_groups(recipe: Recipe, num_classes: int, channels: int) -> None:
     """Each parameter group the recipe sets names a kind of parameter its model has (a group of none
     would change nothing, silently: fastnet has no plain biases, only a whitening stem has a
     whiten_bias), and frozen normalisation scales do not start at 0 (zero-initialised residual blocks
@@ -114,7 +122,7 @@ def check_groups(recipe: Recipe, source: data.Source) -> None:
         return
     frozen_scales = own.get("norm_weight") is not None and own["norm_weight"].frozen
     with torch.random.fork_rng(devices=[]), torch.device("cpu" if frozen_scales else "meta"):
-        model = models.build_model(recipe.model, source.num_classes, source.channels)
+        model = models.build_model(recipe.model, num_classes, channels)
     have = {kind for kind, _ in models.parameter_kinds(model)}
     for kind in own:
         if kind not in have:

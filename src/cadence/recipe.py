@@ -98,9 +98,13 @@ class DataConfig:
         return sum(f.lower().endswith(IMAGE_EXTENSIONS) for _, _, files in os.walk(train) for f in files)
 
 
+ARCHS = ("fastnet", "cifar_resnet18", "resnet18", "resnet34", "resnet50", "resnet101")  # cadence's own models
+TIMM = "timm/"  # model.arch: timm/<name> is timm.create_model(name)
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
-    arch: str = "fastnet"  # resnet18 | resnet34 | resnet50 | cifar_resnet18 | fastnet | ...
+    arch: str = "fastnet"  # one of ARCHS, or timm/<name>
     num_classes: int | None = None  # default: what the data has
     zero_init_residual: bool = True  # last BN of each residual block starts at 0 (Goyal et al.)
     width: int = 64  # fastnet/cifar nets: channels of the first block
@@ -113,6 +117,13 @@ class ModelConfig:
     bn_eps: float | None = None  # every BatchNorm's eps (airbench: 1e-12); default torch's 1e-5
 
     def __post_init__(self):
+        _check(self.arch in ARCHS or self.arch.startswith(TIMM) and len(self.arch) > len(TIMM), "arch", self.arch,
+               "no such model (have: " + ", ".join(ARCHS) + ", or timm/<name>)")
+        _check(not self.whiten or self.arch == "fastnet", "whiten", True,
+               f"patch whitening is a fastnet stem, not {self.arch}'s")
+        for key, off in (("widths", None), ("dirac", False), ("pool_ceil", True)):
+            _check(getattr(self, key) == off or self.arch == "fastnet", key, getattr(self, key),
+                   f"is a setting of fastnet's, not {self.arch}'s")
         _check(self.num_classes is None or self.num_classes >= 2, "num_classes", self.num_classes,
                "needs at least 2 classes")
         _check(self.width > 0, "width", self.width, "must be positive")
