@@ -30,7 +30,7 @@ def plan_checks_groups(recipe) -> bool:
 
     if models.timm_missing(recipe.model, recipe.optimizer):
         return True
-    parts.check_model(recipe, recipe.model.num_classes or 1000, channels=3)
+    parts.check_groups(recipe, recipe.model.num_classes or 1000, channels=3)  # (a timm model's name too)
     return False
 
 

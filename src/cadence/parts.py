@@ -73,6 +73,8 @@ class Setup:
 def build_setup(recipe: Recipe, recipe_file: str | None = None) -> Setup:
     """Check the recipe against the data and the machine; raises FieldError (file named)."""
     try:
+        models.check_arch(recipe.model)
+        models.check_optimizer(recipe.optimizer)
         loggers.check(recipe.train.loggers)
         device = pick_device(recipe.train.device)
         source = data.load_source(recipe.data)
@@ -82,7 +84,7 @@ def build_setup(recipe: Recipe, recipe_file: str | None = None) -> Setup:
         if recipe.model.whiten and source.native_size is None:
             raise FieldError("model.whiten", True, "is set from in-memory images (cifar10, synthetic, digits), "
                              f"not from {recipe.data.source} files")
-        check_model(recipe, source.num_classes, source.channels)
+        check_groups(recipe, source.num_classes, source.channels)
         if not source.flip:
             for k, r in enumerate(recipe.stage_regularization()):
                 if r.flip != "random":
@@ -101,22 +103,13 @@ def build_setup(recipe: Recipe, recipe_file: str | None = None) -> Setup:
     return Setup(recipe, source, timeline, device, dist=place)
 
 
-def check_model(recipe: Recipe, num_classes: int, channels: int) -> None:
-    """What the recipe asks of its model and optimizer, checked before anything is built or written:
-    the architecture exists (timm's: timm installed), its settings are its own, the optimizer can be
-    made, and each parameter group names parameters the model has (``check_groups``). Needs no data:
-    ``cadence plan`` runs it too, with stand-in class and channel counts (the checks do not depend on them)."""
-    models.check_arch(recipe.model)
-    models.check_optimizer(recipe.optimizer)
-    check_groups(recipe, num_classes, channels)
-
-
 def check_groups(recipe: Recipe, num_classes: int, channels: int) -> None:
     """Each parameter group the recipe sets names a kind of parameter its model has (a group of none
     would change nothing, silently: fastnet has no plain biases, only a whitening stem has a
     whiten_bias), and frozen normalisation scales do not start at 0 (zero-initialised residual blocks
     would stay dead). The model is built once, on the meta device (no memory, no initialisation) unless
-    the scales' initial values are needed, and then aside from the run's random numbers."""
+    the scales' initial values are needed, and then aside from the run's random numbers. Needs no data
+    (any class and channel count does): ``cadence plan`` runs it too."""
     own = recipe.optimizer.groups.set()
     if not own:
         return
