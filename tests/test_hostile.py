@@ -285,6 +285,15 @@ def test_val_classes_that_train_lacks_are_named(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_planning_a_model_too_large_to_build_says_how_much_memory_it_wanted(tmp_path, capsys):
+    """Frozen scales are checked on the model built for real (their initial values): one of 3 x 10^5
+    channels a layer does not fit, and plan says so in one line, as training would."""
+    raw = {**TINY, "model": {"arch": "fastnet", "widths": [300_000] * 3},
+           "optimizer": {**TINY["optimizer"], "groups": {"norm_weight": {"frozen": True}}}}
+    assert cli.main(["plan", write_recipe(tmp_path, raw)]) == 1
+    _one_line(capsys, "out of memory", "GiB at once", "smaller model")
+
+
 @pytest.mark.slow  # trains TINY first
 def test_an_absurd_resolution_says_how_much_memory_it_wanted(tmp_path, capsys):
     raw = {**TINY, "stages": [{"epochs": 1, "resolution": 65_536, "batch_size": 16}]}  # the largest allowed: 768 GiB

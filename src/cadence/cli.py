@@ -407,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         wanted = re.search(r"allocate (\d+) bytes", str(e))
         size = f" ({int(wanted.group(1)) / 2**30:.1f} GiB at once)" if wanted else ""
-        print(f"cadence: error: out of memory{size}: lower the batch size or the resolution", file=sys.stderr)
+        print(f"cadence: error: out of memory{size}: lower the batch size or the resolution, or take a smaller model",
+              file=sys.stderr)
         return 1
     except Diverged as e:  # the last good checkpoint is kept
         print(f"cadence: error: {e}", file=sys.stderr)
