@@ -36,7 +36,7 @@ import time
 from cadence import parts, train
 from cadence.data import loaders
 from cadence.recipe import load_recipe
-from step_speed import fixed_batch_rate, timed  # the same timed steps
+from step_speed import CLOCKS, fixed_batch_rate, timed  # the same timed steps
 
 
 def main() -> None:
@@ -88,9 +88,6 @@ def main() -> None:
               f"model only {m:.0f} img/s, {loop}", flush=True)
     if in_memory(trainer):
         print(f"(training on {trainer.device.type} makes its batches {'ahead' if trainer.data.made_ahead else 'in step'})")
-
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def in_memory(trainer: train.Trainer) -> bool:

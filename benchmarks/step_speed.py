@@ -7,7 +7,8 @@ stage's resolution, and the time of the first step (where torch.compile pays its
         --variant "compiled: train.compile=true"
 
 Rounds alternate between the variants, so slow drifts of a shared machine hit all of them alike;
-the median round is reported with the ratio to the recipe as written.
+the median round is reported with the ratio to the recipe as written. ``--clock cpu`` times the steps
+by the process's CPU (pinned to one core with one thread, what a shared machine moves least).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def stage_batch(trainer: train.Trainer, k: int):
     """The first batch of stage ``k`` from ``trainer``'s own loader, as it comes (not yet prepped)."""
     t = trainer.timeline
     return next(iter(trainer.loader(k, t.epoch[t.stage_starts[k]])))
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 @contextlib.contextmanager
@@ -60,7 +64,9 @@ def main() -> None:
     p.add_argument("--variant", action="append", default=[], metavar="'LABEL: key=value[, ...]'")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per round")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="what each step is timed by")
     a = p.parse_args()
+    clock = CLOCKS[a.clock]
     variants = [("as written", [])] + [parse_ablation(text) for text in a.variant]
     trainers = {}
     for label, sets in variants:
@@ -71,16 +77,17 @@ def main() -> None:
         x, y = stage_batch(first, k)
         rates, warm = {label: [] for label in trainers}, {}
         for label, trainer in trainers.items():
-            start = time.perf_counter()
+            start = clock()
             trainer.train_step(trainer.parts.normalize(x), y)  # first step at this size: compiles, if compiling
-            warm[label] = time.perf_counter() - start
+            warm[label] = clock() - start
         for _ in range(a.rounds):
             for label, trainer in trainers.items():
-                rates[label].append(fixed_batch_rate(trainer, k, (trainer.parts.normalize(x), y), a.steps))
+                rates[label].append(fixed_batch_rate(trainer, k, (trainer.parts.normalize(x), y), a.steps,
+                                                     clock=clock))
         base = statistics.median(rates["as written"])
         for label, r in rates.items():
             m = statistics.median(r)
-            print(f"stage {k} {stage.resolution}px batch {len(y)} {label}: {m:.0f} img/s ({m / base:.2f}x), "
+            print(f"stage {k} {stage.resolution}px batch {len(y)} {label} ({a.clock}): {m:.0f} img/s ({m / base:.2f}x), "
                   f"first step {warm[label]:.1f} s", flush=True)
 
 
