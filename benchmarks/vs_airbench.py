@@ -396,7 +396,9 @@ def main() -> None:
             r[name]["to_reach_other"] = reach(r[name]["curve"], r[other[name]]["acc"]) if curves else None
         record(saved, r)
         ran = True
-        print(f"seed {seed} (airbench on core {cores[0]}, cadence on core {cores[1]}):", flush=True)
+        where = ("both read from their runs" if a.collect else f"cadence alone on core {cores[1]}, against "
+                 "airbench's recorded run" if a.cadence_only else f"airbench on core {cores[0]}, cadence on core {cores[1]}")
+        print(f"seed {seed} ({where}):", flush=True)
         for name in ("airbench", "cadence"):
             x = r[name]
             t = x["to_reach_other"]
