@@ -22,10 +22,11 @@ def _set_arg(p: argparse.ArgumentParser, help: str = "override a recipe field, e
 
 
 def plan_checks_groups(recipe) -> bool:
-    """The recipe's parameter groups checked against its model, built on the meta device (what loading
-    the recipe cannot see: a group of parameters the model has none of, frozen scales that start at 0);
-    plan has no data, and any class count does. Returns whether the check was skipped: a timm model or
-    optimizer where timm is not installed. (This imports torch, which plan otherwise does not.)"""
+    """The recipe's parameter groups checked against its model, what reading the recipe cannot see (a
+    group of parameters the model has none of, frozen scales that start at 0): ``parts.check_groups``
+    builds it on the meta device, or on the CPU when frozen scales need their initial values. Plan has
+    no data, and any class count does. Returns whether the check was skipped: a timm model or optimizer
+    where timm is not installed. (This imports torch, which plan otherwise does not.)"""
     from cadence import models, parts
 
     if models.timm_missing(recipe.model, recipe.optimizer):
