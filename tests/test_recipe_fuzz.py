@@ -140,8 +140,7 @@ def plan_or_field_error(raw: dict, world_size: int = 1) -> None:
     try:
         recipe = recipe_from_dict(raw, file="fuzz.yaml")
         timeline = recipe.timeline(world_size=world_size)
-        if recipe.optimizer.groups.set():
-            plan_checks_groups(recipe)
+        plan_checks_groups(recipe)
     except FieldError as e:
         check_field_error(e.within(file="fuzz.yaml"))
         return
