@@ -21,6 +21,11 @@ def _set_arg(p: argparse.ArgumentParser, help: str = "override a recipe field, e
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help=help)
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """Whether an exception is an allocation this machine cannot make (torch says so in a RuntimeError)."""
+    return isinstance(e, MemoryError) or isinstance(e, RuntimeError) and "allocate" in str(e)
+
+
 def plan_checks_groups(recipe) -> bool:
     """The recipe's parameter groups checked against its model, what reading the recipe cannot see (a
     group of parameters the model has none of, frozen scales that start at 0): ``parts.check_groups``
@@ -406,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
               "checkpoint is intact", file=sys.stderr)
         return code
     except (MemoryError, RuntimeError) as e:  # an allocation too large for this machine: say so, and how large
-        if not isinstance(e, MemoryError) and "allocate" not in str(e):
+        if not out_of_memory(e):
             raise
         wanted = re.search(r"allocate (\d+) bytes", str(e))
         size = f" ({int(wanted.group(1)) / 2**30:.1f} GiB at once)" if wanted else ""
