@@ -68,6 +68,16 @@ def made_once(tmp_path_factory, name: str, make) -> pathlib.Path:
     return folder
 
 
+def benchmark(name: str):
+    """A script of benchmarks/ (``vs_airbench``, ``fault_kill``) imported as a module, to test its parts."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_recipe(tmp_path, raw: dict, name: str = "recipe.yaml") -> str:
     path = os.path.join(tmp_path, name)
     with open(path, "w") as f:

@@ -20,7 +20,7 @@ from cadence.data.keys import EpochSampler
 from cadence.models import build_model, build_optimizer, parameter_kinds
 from cadence.recipe import DataConfig, ModelConfig, OptimizerConfig, load_recipe, recipe_from_dict
 from cadence.regularization import DEFAULTS, Regularization
-from helpers import GOOD, ROOT, TINY, assert_plan_refuses, assert_same_state, run
+from helpers import GOOD, ROOT, TINY, assert_plan_refuses, assert_same_state, benchmark, run
 
 AIRBENCH_GROUPS = {"norm_bias": {"lr": 64, "weight_decay": 2e-5}, "norm_weight": {"frozen": True},
                    "whiten_bias": {"epochs": 1}}
@@ -368,13 +368,10 @@ def test_the_airbench_recipe_plans_and_names_its_keys(capsys):
 def test_the_side_by_side_script_lets_airbench_finish_when_cadence_stops_at_a_checkpoint():
     """benchmarks/vs_airbench.py: cadence stopped by SIGTERM (exit 143, a checkpoint written) is a
     pause, and airbench runs on; any other failure stops the other contender."""
-    import importlib.util
     import subprocess
     import sys
 
-    spec = importlib.util.spec_from_file_location("vs_airbench", os.path.join(ROOT, "benchmarks", "vs_airbench.py"))
-    vs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(vs)
+    vs = benchmark("vs_airbench")
     run = lambda code: subprocess.Popen([sys.executable, "-c", code])  # noqa: E731
     paused = {"airbench": run("import time; time.sleep(1.5)"), "cadence": run("raise SystemExit(143)")}
     vs.wait_all(paused)
@@ -388,11 +385,7 @@ def test_the_side_by_side_table_reads_the_seeds_with_curves_for_cpu_to_reach_the
     """``--table``: seeds run as a pair with ``--curve`` add a table of each contender's training CPU
     until it first reached the other's final top-1 (a mean over the seeds it did, and how many it did
     not); a seed without both curves (``--cadence-only`` reads airbench's final point alone) is left out."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("vs_airbench", os.path.join(ROOT, "benchmarks", "vs_airbench.py"))
-    vs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(vs)
+    vs = benchmark("vs_airbench")
     airbench = [[600.0, 0.80], [1200.0, 0.905], [1800.0, 0.9080]]
     cadence = [[[500.0, 0.85], [1000.0, 0.9085], [1400.0, 0.9090]], [[500.0, 0.85], [1000.0, 0.9070], [1300.0, 0.9075]]]
     results = []

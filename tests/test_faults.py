@@ -4,7 +4,6 @@ restarts, export. Nothing lost, nothing cryptic."""
 from __future__ import annotations
 
 import errno
-import importlib.util
 import os
 import shutil
 import stat
@@ -15,14 +14,7 @@ import yaml
 
 from cadence import cli, errors, files, parts, plan, rundir, train
 from cadence.recipe import recipe_from_dict
-from helpers import ROOT, TINY, assert_same_state, run, train_rows, write_recipe
-
-
-def _fault_kill():
-    spec = importlib.util.spec_from_file_location("fault_kill", os.path.join(ROOT, "benchmarks", "fault_kill.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import ROOT, TINY, assert_same_state, benchmark, run, train_rows, write_recipe
 
 
 def last_checkpoint(run_dir) -> dict:
@@ -48,7 +40,7 @@ def reference(tmp_path_factory):
 def test_killed_at_random_moments_and_resumed_ends_bitwise_equal(tmp_path, reference):
     """SIGKILL before the first checkpoint, inside a checkpoint write and mid-step; resume each time.
     (benchmarks/fault_kill.py --kills N is the long version.)"""
-    fk = _fault_kill()
+    fk = benchmark("fault_kill")
     raw = TINY | {"train": TINY["train"] | {"checkpoint_every": 1}}  # how often it saves changes no number
     recipe, killed = write_recipe(tmp_path, raw), str(tmp_path / "killed")
     records = fk.kill_and_resume(recipe, killed, ["early", "write", "step"], seed=8, say=lambda *a: None)
