@@ -534,3 +534,29 @@ def test_a_long_plan_is_drawn_through_its_envelope(tmp_path):
     assert (report.plot_steps(t, limit=10 ** 6) == range(len(t))).all()
     report.plot_plan(t, str(tmp_path / "plan.png"))
     assert os.path.getsize(tmp_path / "plan.png") > 10_000
+
+
+def test_pictures_keep_every_label_inside_the_figure(tmp_path, monkeypatch):
+    """The pictures have fixed margins (not a layout engine measuring each label): the longest of the
+    plan's labels (two-line y labels, a log LR row, the regularization legend, a long title) and of the
+    curves' (log LR, gradient norms) stay inside the figure."""
+    from cadence import report
+
+    figures = []
+    draw = report._figure
+    monkeypatch.setattr(report, "_figure", lambda *a, **kw: figures.append(draw(*a, **kw)) or figures[-1])
+    recipe = load_recipe(os.path.join(ROOT, "recipes", "imagenet-resnet50-progressive-learning.yaml"),
+                         ["data.train_samples=100000"])  # (fewer steps: the same labels)
+    report.plot_plan(recipe.timeline(), str(tmp_path / "plan.png"), title="a plan with a long name " * 3)
+    rows = [{"step": i, "stage": i // 50, "epoch": 0, "time": 0.37 * i, "loss": 7 - i / 30, "lr": 10.0 ** -(i / 20),
+             "grad_norm": 1e4 / (1 + i), "samples_seen": 1024 * i, "resolution": 128} for i in range(100)]
+    rows += [{"step": 99, "stage": 1, "epoch": 0, "time": 40.0, "val_top1": 0.7612, "val_top5": 0.93,
+              "val_loss": 1.0}]
+    report.plot_curves(rows, str(tmp_path / "curves.png"), title="curves")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    assert len(figures) == 2
+    for fig, _ in figures:  # (closed: a new canvas draws them)
+        inside = fig.get_tightbbox(FigureCanvasAgg(fig).get_renderer())
+        assert inside.x0 >= 0 and inside.y0 >= 0, inside
+        assert inside.x1 <= fig.get_figwidth() and inside.y1 <= fig.get_figheight(), inside
