@@ -20,7 +20,7 @@ from cadence.data.keys import EpochSampler
 from cadence.models import build_model, build_optimizer, parameter_kinds
 from cadence.recipe import DataConfig, ModelConfig, OptimizerConfig, load_recipe, recipe_from_dict
 from cadence.regularization import DEFAULTS, Regularization
-from helpers import GOOD, ROOT, TINY, assert_plan_refuses, assert_same_state, benchmark, run
+from helpers import GOOD, ROOT, TINY, assert_plan_refuses, assert_same_state, benchmark, run, write_recipe
 
 AIRBENCH_GROUPS = {"norm_bias": {"lr": 64, "weight_decay": 2e-5}, "norm_weight": {"frozen": True},
                    "whiten_bias": {"epochs": 1}}
@@ -294,6 +294,7 @@ def test_bad_airbench_keys_exit_2_naming_file_field_and_value(tmp_path, capsys, 
 MODEL_REFUSES = [  # (change to TINY, field, what the one line says): what its model cannot apply
     ({"model": {"arch": "resnet18", "dirac": True}}, "model.dirac", "fastnet's"),
     ({"model": {"arch": "resnet18", "pool_ceil": False}}, "model.pool_ceil", "fastnet's"),
+    ({"model": {"arch": "resnet18", "width": 32}}, "model.width", "fastnet's"),
     ({"optimizer": {**TINY["optimizer"], "groups": {"whiten_bias": {"epochs": 1}}}}, "whiten_bias",
      "no whiten_bias parameters .a whitening stem's"),
     ({"model": {"whiten": True}, "optimizer": {**TINY["optimizer"], "groups": {"bias": {"lr": 64}}}},
@@ -305,11 +306,16 @@ MODEL_REFUSES = [  # (change to TINY, field, what the one line says): what its m
 
 
 def changed(change: dict) -> dict:
-    return {**TINY, **change, "model": {**TINY["model"], **change.get("model", {})}}
+    model = {**TINY["model"], **change.get("model", {})}
+    if model["arch"] != "fastnet" and "width" not in change.get("model", {}):
+        del model["width"]  # TINY's fastnet width
+    return {**TINY, **change, "model": model}
 
 
 @pytest.mark.parametrize("change, field, says", MODEL_REFUSES + [
     ({"data": {"source": "digits"}, "regularization": {"flip": "alternate"}}, "flip", "never flipped"),
+    ({"data": {"source": "digits"}, "train": {"tta": "flip"}}, "train.tta", "never flipped"),
+    ({"data": {"source": "imagefolder", "root": "."}, "model": {"whiten": True}}, "model.whiten", "in-memory"),
     ({"data": {"source": "imagefolder", "root": "."}, "regularization": {"translate": 2}}, "translate",
      "in-memory"),
 ])
@@ -336,6 +342,28 @@ def test_cadence_plan_refuses_what_the_model_cannot_apply_before_any_data(tmp_pa
     assert len(err.splitlines()) == 1 and str(path) in err and field in err and re.search(says, err), err
 
 
+@pytest.mark.parametrize("sets, field, says", [
+    (["data.source=digits", "regularization.flip=alternate"], "regularization.flip", "never flipped"),
+    (["data.source=digits", "stages.1.regularization.flip=alternate"], "stages.1.regularization.flip", "never flipped"),
+    (["data.source=digits", "train.tta=flip"], "train.tta", "never flipped"),
+    (["data.source=imagefolder", "data.root=.", "model.whiten=true"], "model.whiten", "in-memory images"),
+])
+def test_cadence_plan_refuses_what_the_source_cannot_apply(tmp_path, capsys, sets, field, says):
+    """What a source's kind rules out (flips of digits, a whitening stem from image files) is known
+    from the recipe: refused when it is read, by plan as by train."""
+    from cadence.cli import main as cadence_main
+
+    path = write_recipe(tmp_path, GOOD)
+    assert cadence_main(["plan", path] + [a for s in sets for a in ("--set", s)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and path in err and field in err and says in err, err
+
+
+def test_cadence_plan_refuses_a_timm_model_timm_does_not_have(tmp_path, capsys):
+    pytest.importorskip("timm")
+    assert_plan_refuses(tmp_path, capsys, "model.arch", "timm/no_such_model", "timm has no model 'no_such_model'")
+
+
 def test_cadence_plan_says_when_it_cannot_check_the_groups_without_timm(tmp_path, capsys, monkeypatch):
     from cadence import models
     from cadence.cli import main as cadence_main
@@ -344,7 +372,7 @@ def test_cadence_plan_says_when_it_cannot_check_the_groups_without_timm(tmp_path
     path.write_text(yaml.safe_dump(changed(MODEL_REFUSES[-1][0])))  # would be refused, if it could be built
     monkeypatch.setattr(models, "timm_missing", lambda model, optimizer: True)
     assert cadence_main(["plan", str(path)]) == 0
-    assert "parameter groups not checked: the model or optimizer needs timm" in capsys.readouterr().out
+    assert "model and parameter groups not checked: the model or optimizer needs timm" in capsys.readouterr().out
 
 
 def test_the_airbench_recipe_plans_and_names_its_keys(capsys):

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cadence import schedules
-from cadence.cli import out_of_memory, plan_checks_groups
+from cadence.cli import out_of_memory, plan_checks_model
 from cadence.errors import FieldError
 from cadence.recipe import load_recipe, recipe_from_dict
 from helpers import GOOD, ROOT, TINY
@@ -140,7 +140,7 @@ def plan_or_field_error(raw: dict, world_size: int = 1) -> None:
     try:
         recipe = recipe_from_dict(raw, file="fuzz.yaml")
         timeline = recipe.timeline(world_size=world_size)
-        plan_checks_groups(recipe)
+        plan_checks_model(recipe)
     except FieldError as e:
         check_field_error(e.within(file="fuzz.yaml"))
         return

@@ -26,19 +26,25 @@ def out_of_memory(e: BaseException) -> bool:
     return isinstance(e, MemoryError) or isinstance(e, RuntimeError) and "allocate" in str(e)
 
 
-def plan_checks_groups(recipe) -> bool:
-    """The recipe's parameter groups checked against its model, what reading the recipe cannot see (a
-    group of parameters the model has none of, frozen scales that start at 0): ``parts.check_groups``
-    builds it on the meta device, or on the CPU when frozen scales need their initial values. Plan has
-    no data, and any class count does. Returns whether the check was skipped: a timm model or optimizer
-    where timm is not installed. (A recipe that sets groups is the only one plan imports torch for.)"""
-    if not recipe.optimizer.groups.set():
+def plan_checks_model(recipe) -> bool:
+    """What reading the recipe cannot see about its model, checked as training will: that timm has a
+    ``timm/`` model, and the parameter groups (a group of parameters the model has none of, frozen
+    scales that start at 0): ``parts.check_groups`` builds the model on the meta device, or on the CPU
+    when frozen scales need their initial values. Plan has no data, and any class count does. Returns
+    whether the check was skipped: a timm model or optimizer where timm is not installed. (Plan
+    imports torch only for a recipe that sets groups or names a timm model.)"""
+    from cadence.recipe import TIMM
+
+    groups = recipe.optimizer.groups.set()
+    if not groups and not recipe.model.arch.startswith(TIMM):
         return False
     from cadence import models, parts
 
     if models.timm_missing(recipe.model, recipe.optimizer):
         return True
-    parts.check_groups(recipe, recipe.model.num_classes or 1000, channels=3)  # (a timm model's name too)
+    models.check_arch(recipe.model)
+    if groups:
+        parts.check_groups(recipe, recipe.model.num_classes or 1000, channels=3)
     return False
 
 
@@ -49,7 +55,7 @@ def cmd_plan(args) -> int:
     recipe = load_recipe(args.recipe, args.sets)
     try:
         timeline = recipe.timeline(world_size=args.world_size)
-        unchecked = plan_checks_groups(recipe)
+        unchecked = plan_checks_model(recipe)
     except FieldError as e:
         raise e.within(file=args.recipe) from None
     print(f"{recipe.name}: {recipe.data.train_size():,} training images, "
@@ -61,7 +67,7 @@ def cmd_plan(args) -> int:
     print(report.plan_table(timeline))
     print("\n".join(report.training_lines(recipe)))
     if unchecked:
-        print("parameter groups not checked: the model or optimizer needs timm, not installed here "
+        print("model and parameter groups not checked: the model or optimizer needs timm, not installed here "
               "(cadence train checks them)")
     if args.measure or args.memory_limit:
         from cadence import measure

@@ -81,18 +81,7 @@ def build_setup(recipe: Recipe, recipe_file: str | None = None) -> Setup:
         if recipe.model.num_classes is not None and recipe.model.num_classes != source.num_classes:
             raise FieldError("model.num_classes", recipe.model.num_classes,
                              f"but the data has {source.num_classes} classes")
-        if recipe.model.whiten and source.native_size is None:
-            raise FieldError("model.whiten", True, "is set from in-memory images (cifar10, synthetic, digits), "
-                             f"not from {recipe.data.source} files")
         check_groups(recipe, source.num_classes, source.channels)
-        if not source.flip:
-            for k, r in enumerate(recipe.stage_regularization()):
-                if r.flip != "random":
-                    raise FieldError(f"stages.{k}.regularization.flip", r.flip,
-                                     f"but {recipe.data.source} images are never flipped")
-            if recipe.train.tta != "none":
-                raise FieldError("train.tta", recipe.train.tta, f"but {recipe.data.source} images are never "
-                                 "flipped in training (mirrored digits are not digits)")
         world = distributed.from_env().world
         timeline = recipe.timeline(train_samples=len(source.train), world_size=world)
     except FieldError as e:

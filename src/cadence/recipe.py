@@ -107,7 +107,7 @@ class ModelConfig:
     arch: str = "fastnet"  # one of ARCHS, or timm/<name>
     num_classes: int | None = None  # default: what the data has
     zero_init_residual: bool = True  # last BN of each residual block starts at 0 (Goyal et al.)
-    width: int = 64  # fastnet/cifar nets: channels of the first block
+    width: int = 64  # fastnet: channels of the first block
     widths: list[int] | None = None  # fastnet: channels of its three blocks (default: width x [1, 2, 4])
     whiten: bool = False  # fastnet: a frozen 2x2 patch-whitening stem set from training images (airbench)
     dirac: bool = False  # fastnet: each 3x3 conv's first min(in, out) filters start as the identity (airbench)
@@ -121,7 +121,7 @@ class ModelConfig:
                "no such model (have: " + ", ".join(ARCHS) + ", or timm/<name>)")
         _check(not self.whiten or self.arch == "fastnet", "whiten", True,
                f"patch whitening is a fastnet stem, not {self.arch}'s")
-        for key, off in (("widths", None), ("dirac", False), ("pool_ceil", True)):
+        for key, off in (("width", 64), ("widths", None), ("dirac", False), ("pool_ceil", True)):
             _check(getattr(self, key) == off or self.arch == "fastnet", key, getattr(self, key),
                    f"is a setting of fastnet's, not {self.arch}'s")
         _check(self.num_classes is None or self.num_classes >= 2, "num_classes", self.num_classes,
@@ -321,6 +321,12 @@ class Recipe:
                "train.label_smoothing", self.train.label_smoothing, "is also set as regularization.label_smoothing; "
                "keep one")
         self.stage_regularization()  # a key the source cannot apply is an error now, not at training
+        _check(self.train.tta == "none" or self.data.source not in regularization.NEVER_FLIPPED, "train.tta",
+               self.train.tta, f"but {self.data.source} images are never flipped in training (mirrored digits are "
+               "not digits)")
+        _check(not self.model.whiten or self.data.source in regularization.IN_MEMORY_SOURCES, "model.whiten", True,
+               f"is set from in-memory images ({', '.join(regularization.IN_MEMORY_SOURCES)}), not from "
+               f"{self.data.source} files")
 
     def stage_regularization(self) -> list[Regularization]:
         """What each stage trains with: its own keys over the recipe's over the defaults."""

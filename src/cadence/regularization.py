@@ -21,6 +21,7 @@ MAGNITUDE_BINS = 31  # torchvision's num_magnitude_bins for RandAugment and Triv
 IN_MEMORY_SOURCES = ("digits", "synthetic", "cifar10")  # pad-cropped batches, not RandomResizedCrop
 FILE_ONLY = ("crop_scale", "crop_ratio")
 MEMORY_ONLY = ("translate",)
+NEVER_FLIPPED = ("digits",)  # sources whose images are never flipped (mirrored digits are not digits)
 Flip = Literal["random", "alternate", "none"]
 
 
@@ -108,7 +109,8 @@ def resolve(recipe: Regularization, stages: list[Regularization], *, source: str
             label_smoothing: float = 0.0) -> list[Regularization]:
     """Each stage's values: the stage's keys over the recipe's over ``DEFAULTS`` (with the older
     ``train.label_smoothing`` as the recipe-wide default of ``label_smoothing``). Raises FieldError
-    (field path, value) for a key the source cannot apply."""
+    (field path, value) for a key the source cannot apply: its kind of crop, or flips of images it never
+    flips."""
     base = recipe.over(dataclasses.replace(DEFAULTS, label_smoothing=label_smoothing))
     for where, reg in [("regularization", recipe)] + [(f"stages.{k}.regularization", s)
                                                       for k, s in enumerate(stages)]:
@@ -123,6 +125,8 @@ def resolve(recipe: Regularization, stages: list[Regularization], *, source: str
                 _check(getattr(reg, name) is None, f"{where}.{name}", getattr(reg, name),
                        f"applies to in-memory images (pad and crop); source {source} crops files with "
                        "RandomResizedCrop (crop_scale, crop_ratio)")
+        _check(source not in NEVER_FLIPPED or reg.flip != "alternate", f"{where}.flip", reg.flip,
+               f"but {source} images are never flipped")
     return [s.over(base) for s in stages]
 
 
