@@ -71,7 +71,8 @@ def _digits(cfg: DataConfig) -> Source:
     n_val = int(len(labels) * cfg.val_fraction)
     val, train = order[:n_val], order[n_val:]
     return Source(TensorImages(images[train], labels[train]), TensorImages(images[val], labels[val]),
-                  num_classes=10, channels=1, mean=(0.5,), std=(0.5,), native_size=8, flip=False)  # (regularization.NEVER_FLIPPED)
+                  num_classes=10, channels=1, mean=(0.5,), std=(0.5,), native_size=8,
+                  flip=False)  # (recipes that flip them are refused: regularization.NEVER_FLIPPED)
 
 
 def synthetic_images(n: int, size: int, num_classes: int, seed: int, templates_seed: int = 0):
