@@ -24,10 +24,11 @@ PLOT_POINTS = 20_000  # a longer plan is drawn through this many of its steps (e
 def _figure(nrows: int, ncols: int, figsize: tuple[float, float], title: str = "", titled: bool = False, **kw):
     """A matplotlib ``Figure`` and its ``subplots`` with fixed margins in inches: room for two-line y
     labels beside each column, x labels below (the columns share x, so only the bottom row's ticks are
-    labelled), ``title`` above and each axes' own title if ``titled``. Constrained layout would fit them to the tick labels, but it
-    measures every one by drawing the picture once more: about half of a plan picture's CPU. (A Figure
-    of its own, not pyplot's: no global state or backend is touched, and nothing needs closing; PNG is
-    drawn by Agg. Imported here: ``cadence plan`` without a picture does not pay for matplotlib.)"""
+    labelled), ``title`` above and each axes' own title if ``titled``. Constrained layout would fit
+    them to the tick labels, but it measures every one by drawing the picture once more: about half of
+    a plan picture's CPU. (A Figure of its own, not pyplot's: no global state or backend is touched,
+    and nothing needs closing; PNG is drawn by Agg. Imported here: ``cadence plan`` without a picture
+    does not pay for matplotlib.)"""
     from matplotlib.figure import Figure
 
     w, h = figsize
