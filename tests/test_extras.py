@@ -17,10 +17,13 @@ from cadence.scheduler import get_momentum
 from helpers import TINY, assert_same_state, run, write_recipe
 
 
+TIMM_READY = {**TINY, "model": {}}  # (TINY's fastnet width is refused on another model)
+
+
 @pytest.mark.parametrize("where, value", [("model.arch", "timm/resnet10t"), ("optimizer.name", "lamb")])
 def test_without_timm_a_timm_model_or_optimizer_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, where, value):
     monkeypatch.setitem(sys.modules, "timm", None)  # as if it were not installed
-    path = write_recipe(tmp_path, TINY)
+    path = write_recipe(tmp_path, TIMM_READY)
     assert cadence_main(["train", path, "--set", f"{where}={value}", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [f"cadence: error: {path}: {where}: {value!r}: needs timm, an optional extra: "
@@ -30,7 +33,7 @@ def test_without_timm_a_timm_model_or_optimizer_is_one_line_and_exit_2(tmp_path,
 
 def test_an_unknown_timm_model_exits_2(tmp_path, capsys):
     pytest.importorskip("timm")
-    path = write_recipe(tmp_path, TINY)
+    path = write_recipe(tmp_path, TIMM_READY)
     assert cadence_main(["train", path, "--set", "model.arch=timm/resnet_nope", "--out", str(tmp_path / "r")]) == 2
     assert "timm has no model 'resnet_nope'" in capsys.readouterr().err
 
