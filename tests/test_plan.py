@@ -556,7 +556,7 @@ def test_pictures_keep_every_label_inside_the_figure(tmp_path, monkeypatch):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     assert len(figures) == 2
-    for fig, _ in figures:  # (closed: a new canvas draws them)
+    for fig, _ in figures:  # (a Figure of its own: an Agg canvas measures it)
         inside = fig.get_tightbbox(FigureCanvasAgg(fig).get_renderer())
         assert inside.x0 >= 0 and inside.y0 >= 0, inside
         assert inside.x1 <= fig.get_figwidth() and inside.y1 <= fig.get_figheight(), inside
