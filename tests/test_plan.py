@@ -548,15 +548,22 @@ def test_pictures_keep_every_label_inside_the_figure(tmp_path, monkeypatch):
     recipe = load_recipe(os.path.join(ROOT, "recipes", "imagenet-resnet50-progressive-learning.yaml"),
                          ["data.train_samples=100000"])  # (fewer steps: the same labels)
     report.plot_plan(recipe.timeline(), str(tmp_path / "plan.png"), title="a plan with a long name " * 3)
-    rows = [{"step": i, "stage": i // 50, "epoch": 0, "time": 0.37 * i, "loss": 7 - i / 30, "lr": 10.0 ** -(i / 20),
-             "grad_norm": 1e4 / (1 + i), "samples_seen": 1024 * i, "resolution": 128} for i in range(100)]
+    # (stages 0 and 1 short in wall time: their labels on the time axis would overlap on one line)
+    rows = [{"step": i, "stage": min(i // 4, 2), "epoch": 0, "time": 0.05 * i if i < 8 else 0.37 * i, "loss": 7 - i / 30,
+             "lr": 10.0 ** -(i / 20), "grad_norm": 1e4 / (1 + i), "samples_seen": 1024 * i, "resolution": 128}
+            for i in range(100)]
     rows += [{"step": 99, "stage": 1, "epoch": 0, "time": 40.0, "val_top1": 0.7612, "val_top5": 0.93,
               "val_loss": 1.0}]
     report.plot_curves(rows, str(tmp_path / "curves.png"), title="curves")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     assert len(figures) == 2
-    for fig, _ in figures:  # (a Figure of its own: an Agg canvas measures it)
-        inside = fig.get_tightbbox(FigureCanvasAgg(fig).get_renderer())
+    for fig, axes in figures:  # (a Figure of its own: an Agg canvas measures it)
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        inside = fig.get_tightbbox(renderer)
         assert inside.x0 >= 0 and inside.y0 >= 0, inside
         assert inside.x1 <= fig.get_figwidth() and inside.y1 <= fig.get_figheight(), inside
+        for ax in axes.flat:  # and no stage's label runs into another's
+            boxes = [a.get_window_extent(renderer) for a in ax.texts]
+            assert all(not a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]), [t.get_text() for t in ax.texts]
+    assert len(figures[1][1][0][1].texts) == 3

@@ -18,6 +18,7 @@ from cadence.rundir import RunDir, read_metrics
 from cadence.smoothing import smooth
 
 STAGE_COLOR = "0.55"
+LABEL_SIZE = 7  # points: the stage labels
 PLOT_POINTS = 20_000  # a longer plan is drawn through this many of its steps (each bucket's LR extremes)
 
 
@@ -66,11 +67,21 @@ def _wide_range(values) -> bool:
 
 
 def _mark_stages(ax, bounds, labels=None, top=False) -> None:
-    for i, x in enumerate(bounds):
+    """Stage boundaries dashed; on the ``top`` row each labelled beside its line, a line of text lower
+    where it would run into an earlier label (a stage short on this axis, e.g. in wall time)."""
+    for x in bounds:
         ax.axvline(x, color=STAGE_COLOR, linestyle="--", linewidth=0.8, zorder=0)
-        if top and labels:
-            ax.annotate(labels[i], (x, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -3),
-                        textcoords="offset points", va="top", fontsize=7, color="0.3")
+    if not (top and labels):
+        return
+    lo, hi = ax.get_xlim()
+    points = ax.get_position().width * ax.figure.get_figwidth() * 72  # the axes' width
+    ends: list[float] = []  # where the last label of each line of text ends (axes fraction)
+    for x, label in zip(bounds, labels):
+        at = (x - lo) / (hi - lo)
+        line = next((i for i, end in enumerate(ends) if end < at), len(ends))
+        ends[line:line + 1] = [at + (3 + LABEL_SIZE * 0.62 * len(label)) / points]  # ~0.62 em a character
+        ax.annotate(label, (x, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -3 - 1.25 * LABEL_SIZE * line),
+                    textcoords="offset points", va="top", fontsize=LABEL_SIZE, color="0.3")
 
 
 def plot_plan(timeline: Timeline, path: str, title: str = "") -> None:
