@@ -35,3 +35,24 @@ def _private_cache(tmp_path_factory):
         os.environ.pop("CADENCE_CACHE_DIR", None)
     else:
         os.environ["CADENCE_CACHE_DIR"] = old
+
+
+@pytest.fixture(autouse=True)
+def _pictures_built_not_rendered(request, monkeypatch):
+    """Every training run draws its plan and its curves: ~3 s of the ~3.5 s of CPU a tiny run takes
+    here, mostly matplotlib rendering ticks and text. In a test not marked ``pictures`` each picture is
+    still built (every line of cadence's plotting runs on the run's own numbers) but not rendered: its
+    file is written empty. Tests marked ``pictures`` look at what is drawn, and subprocesses (the
+    demo, torchrun, the command line's Ctrl-C) render as a user's run does."""
+    if request.node.get_closest_marker("pictures"):
+        return
+    from cadence import report
+
+    build = report._figure
+
+    def unrendered(*args, **kwargs):
+        fig, axes = build(*args, **kwargs)
+        fig.savefig = lambda path, **_: open(path, "wb").close()
+        return fig, axes
+
+    monkeypatch.setattr(report, "_figure", unrendered)

@@ -98,6 +98,7 @@ ACCUMULATED["regularization"] = {"mixup": 0.2, "cutmix": 1.0}
 
 
 @pytest.mark.slow
+@pytest.mark.pictures
 def test_an_accumulated_clipped_run_resumes_bit_for_bit_and_logs_the_norm(tmp_path):
     assert recipe_from_dict(ACCUMULATED).timeline().lr == recipe_from_dict(TINY).timeline().lr  # the plan is the same
     whole, _ = run(ACCUMULATED, str(tmp_path / "whole"))

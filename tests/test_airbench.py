@@ -150,7 +150,8 @@ def test_lookahead_against_airbenchs_rule():
 RESNET_TINY = {**AIRBENCH_TINY, "model": {"arch": "resnet18", "bn_momentum": 0.4, "bn_eps": 1e-3,
                                           "zero_init_residual": False},  # (frozen at 0, a block never learns)
                "optimizer": {**AIRBENCH_TINY["optimizer"], "groups": {
-                   "norm_bias": {"lr": 64, "weight_decay": 2e-5}, "norm_weight": {"frozen": True}, "bias": {"lr": 2}}}}
+                   "norm_bias": {"lr": 64, "weight_decay": 2e-5}, "norm_weight": {"frozen": True}, "bias": {"lr": 2}}},
+               "train": {**AIRBENCH_TINY["train"], "checkpoint_every": 0}}  # (ResNet-18's are 130 MB: epoch ends)
 
 
 @pytest.mark.slow  # trains three runs each

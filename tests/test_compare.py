@@ -16,6 +16,7 @@ from helpers import LONG_TINY, ROOT, TINY, signal_mid_run, write_recipe
 
 
 @pytest.mark.slow
+@pytest.mark.pictures
 def test_plan_only_needs_no_data(tmp_path, capsys):
     recipes = [os.path.join(ROOT, "recipes", f) for f in
                ("imagenet-resnet50-progressive.yaml", "imagenet-resnet50-cosine.yaml")]
@@ -46,6 +47,7 @@ def _finished_run(folder, raw: dict, seed: int, evals: list[tuple[int, float, fl
     return str(d)
 
 
+@pytest.mark.pictures
 def test_compare_finished_runs_without_retraining(tmp_path, capsys):
     """Three recipes, two seeds each, with metrics chosen so every number of the summary is known:
     a seed's std is |a - b| / sqrt(2); times to a top-1 are read off the mean curve of the seeds

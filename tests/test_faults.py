@@ -285,6 +285,7 @@ def test_continue_at_keeps_images_seen_or_the_fraction_of_training():
 
 
 @pytest.mark.slow
+@pytest.mark.pictures
 def test_a_changed_schedule_is_refused_listing_every_difference(tmp_path, capsys, stopped):
     recipe, run_dir = _copy(stopped, tmp_path)
     before = {f: (run_dir / f).read_bytes() for f in ("recipe.yaml", "checkpoints/last.pt")}
@@ -307,6 +308,7 @@ def test_a_changed_schedule_is_refused_listing_every_difference(tmp_path, capsys
     ("keep-position", ["stages.0.batch_size=8"], 10),
     ("stretch", ["stages.1.epochs=4"], 7),
 ])
+@pytest.mark.pictures
 def test_a_policy_continues_on_the_new_timeline(tmp_path, capsys, stopped, policy, change, at):
     recipe, run_dir = _copy(stopped, tmp_path)
     sets = [a for c in change for a in ("--set", c)]

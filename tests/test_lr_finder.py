@@ -152,6 +152,7 @@ def test_range_test_restores_the_parts_bit_for_bit_and_leaves_scheduler_and_ema_
 
 
 @pytest.mark.slow
+@pytest.mark.pictures
 def test_find_lr_cli_all_stages(tmp_path, capsys):
     recipe = write_recipe(tmp_path, TINY)
     code = cli.main(["find-lr", recipe, "--all-stages", "--steps", "40", "--start", "1e-4", "--end", "20",

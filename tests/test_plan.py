@@ -422,6 +422,7 @@ def test_lr_scaling_rules():
 # `cadence plan`: the CSV, the PNG, every shipped recipe
 
 
+@pytest.mark.pictures
 def test_cadence_plan_writes_png_and_csv(tmp_path, capsys):
     png, out = tmp_path / "plan.png", tmp_path / "plan.csv"
     assert cadence_main(["plan", PROGRESSIVE, "--plot", str(png), "--csv", str(out)]) == 0
@@ -518,6 +519,7 @@ def test_a_plan_past_the_measured_memory_budget_is_refused_naming_the_field(tmp_
     assert "stages.0.batch_size" in err and "1,000 steps per epoch" in err, err
 
 
+@pytest.mark.pictures
 def test_a_long_plan_is_drawn_through_its_envelope(tmp_path):
     """Past ``PLOT_POINTS`` steps the picture draws each bucket's LR extremes and every stage's first
     and last step: the LR's range and the stage changes are kept, the points are bounded."""
@@ -536,6 +538,7 @@ def test_a_long_plan_is_drawn_through_its_envelope(tmp_path):
     assert os.path.getsize(tmp_path / "plan.png") > 10_000
 
 
+@pytest.mark.pictures
 def test_pictures_keep_every_label_inside_the_figure(tmp_path, monkeypatch):
     """The pictures have fixed margins (not a layout engine measuring each label): the longest of the
     plan's labels (two-line y labels, a log LR row, the regularization legend, a long title) and of the

@@ -295,6 +295,7 @@ PER_STAGE = {**GOOD, "regularization": {"mixup": 0.2, "label_smoothing": 0.1},
                                                                  "cutmix": 1.0}}]}
 
 
+@pytest.mark.pictures
 def test_stages_override_the_recipe_and_the_plan_shows_each_key(tmp_path, capsys):
     recipe = recipe_from_dict(PER_STAGE)
     regs = recipe.stage_regularization()

@@ -91,6 +91,7 @@ def demo_run(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.pictures  # (the run is made before any test's fixtures: its pictures are rendered anyway)
 def test_demo_reaches_its_stated_accuracy(demo_run):
     evals = [r for r in rundir.read_metrics(str(demo_run)) if "val_top1" in r]
     assert evals[-1]["val_top1"] >= 0.95
