@@ -34,7 +34,9 @@ checkpoint carries it). Any other failure of one stops the other.
 Another cadence recipe (or an ablation: ``--set``) against the same airbench runs: give it a
 ``--name`` (its runs are ``OUT/NAME-seedN``) and ``--cadence-only``, which trains it alone on the
 second core and reads it against the airbench log of each seed already in OUT (or train it by hand
-and read it with ``--collect``).
+and read it with ``--collect``). ``--airbench-only`` is the other half: airbench alone on the first
+core, its log left in OUT for a later ``--cadence-only`` (give both ``--curve`` for the CPU-to-reach
+column); airbench cannot continue a stopped run, so its hours are best started where they can finish.
 
 Each seed's figures go to ``--results`` (default ``OUT/results.json``). Runs of one seed take hours
 here and run directories do not outlive a session, so the project keeps its measurements in
@@ -299,6 +301,23 @@ def reach_table(results: list[dict]) -> list[str]:
     return rows
 
 
+def airbench_alone(bench: str, out: str, seed: int, core: int, precision: str, curve: bool) -> None:
+    """``--airbench-only``: one seed of airbench on ``core``, its log left in OUT for ``--cadence-only``.
+    airbench cannot continue a run, so a seed already logged there is refused rather than appended to."""
+    log = log_of(out, "airbench", seed)
+    if os.path.exists(log):
+        sys.exit(f"vs_airbench: {log} exists: airbench's seed {seed} is logged already (remove it to run it again)")
+    proc = launch([sys.executable, "airbench94_cpu.py"], core, log,
+                  {"SEED": str(seed), "BF16": str(int(precision == "bf16")), "CURVE": str(int(curve))}, cwd=bench)
+    cpu = wait_all({"airbench": proc})["airbench"]
+    if proc.returncode:
+        sys.exit(f"vs_airbench: airbench (seed {seed}) exited {proc.returncode}: see {log}")
+    x = airbench_result(log)
+    print(f"seed {seed} (airbench alone on core {core}): top-1 {100 * x['acc']:.2f}%  training CPU {x['cpu']:.0f} s  "
+          f"(process {cpu:.0f} s, {len(x['curve']) - 1} evaluations on the way); {log} is read by --cadence-only"
+          + (" --curve" if curve else ""), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--airbench", help="path of legacy/airbench94.py in a cifar10-airbench checkout")
@@ -314,6 +333,9 @@ def main() -> None:
     p.add_argument("--out", default="vs-airbench")
     p.add_argument("--cadence-only", action="store_true", help="train cadence alone (on the second core) and read it "
                    "against the airbench run already logged in --out for each seed: an ablation or another recipe")
+    p.add_argument("--airbench-only", action="store_true", help="train airbench alone (on the first core) and leave "
+                   "its log in --out for each seed, recording nothing: a later --cadence-only (with --curve, if this "
+                   "had it) reads it, so a pair's halves can run at different times")
     p.add_argument("--collect", action="store_true", help="run nothing: read each seed's finished airbench log and "
                    "cadence run in --out (after a cadence run stopped at a checkpoint was continued with --resume)")
     p.add_argument("--table", action="store_true", help="run nothing: print the results file as a markdown table")
@@ -325,6 +347,8 @@ def main() -> None:
     a = p.parse_args()
     if not (a.collect or a.table) and not (a.data and (a.airbench or a.cadence_only)):
         p.error("--airbench and --data are required (--cadence-only: --data; --collect, --table: neither)")
+    if a.airbench_only and (a.cadence_only or a.collect):
+        p.error("--airbench-only trains airbench alone: not with --cadence-only or --collect")
     out = os.path.abspath(a.out)
     saved = os.path.abspath(a.results or os.path.join(out, "results.json"))
     if a.table:
@@ -353,6 +377,9 @@ def main() -> None:
             print(f"seed {seed} of {a.name} ({a.precision}): in {saved} already, not run again", flush=True)
             continue
         cores = a.cores if i % 2 == 0 else a.cores[::-1]
+        if a.airbench_only:
+            airbench_alone(bench, out, seed, cores[0], a.precision, a.curve)
+            continue
         run_dir = os.path.join(out, f"{a.name}-seed{seed}")
         cadence_cmd = [sys.executable, "-m", "cadence", "train", a.recipe, "--out", run_dir, "--set", f"seed={seed}",
                        "--set", f"data.root={a.data}", "--set", f"train.precision={a.precision}", "--quiet",

@@ -435,6 +435,32 @@ def test_the_side_by_side_table_reads_the_seeds_with_curves_for_cpu_to_reach_the
     assert rows[at:] == ["| fast | 0, 1 | 1,000; not reached in 1 of 2 | 1,800; not reached in 1 of 2 |"]
 
 
+def test_the_side_by_side_script_runs_airbench_alone_for_a_later_cadence_half(tmp_path, capsys):
+    """``--airbench-only``: one seed of airbench pinned to its core, its log left where ``--cadence-only``
+    reads it (with ``--curve``: every epoch's evaluation, for the CPU to reach cadence's accuracy); a seed
+    already logged is refused (airbench cannot continue a run, and a second run appended to its log would
+    be read as the first)."""
+    import json
+
+    vs = benchmark("vs_airbench")
+    bench = tmp_path / "airbench"
+    bench.mkdir()
+    mark = vs.MARK
+    lines = [{"epoch": 0, "cpu": 600.0, "acc": 0.80}, {"epoch": 1, "cpu": 1200.0, "acc": 0.905}, {"final": 0.9080},
+             {"total_cpu": 1900.0, "tta_cpu": 100.0}]
+    (bench / "airbench94_cpu.py").write_text(  # a stand-in: airbench's JSON lines, seeded by the environment
+        "import json, os\nassert os.environ['SEED'] == '3' and os.environ['CURVE'] == '1'\n"
+        + "".join(f"print({mark + json.dumps(x)!r})\n" for x in lines))
+    core = min(os.sched_getaffinity(0))
+    vs.airbench_alone(str(bench), str(tmp_path), 3, core, "fp32", True)
+    assert "top-1 90.80%  training CPU 1800 s" in capsys.readouterr().out
+    logged = vs.airbench_of(str(tmp_path), str(tmp_path / "results.json"), 3, "fp32")
+    assert logged["curve"] == [(600.0, 0.80), (1200.0, 0.905), (1800.0, 0.9080)]
+    assert vs.reach(logged["curve"], 0.9050) == 1200.0  # what --cadence-only --curve records for airbench
+    with pytest.raises(SystemExit, match="airbench-seed3.log exists"):
+        vs.airbench_alone(str(bench), str(tmp_path), 3, core, "fp32", True)
+
+
 @pytest.mark.slow  # trains a tiny recipe in a subprocess
 def test_the_side_by_side_script_collects_a_named_recipe_against_the_same_airbench_run(tmp_path):
     """``--collect --name``: a second cadence recipe read against an airbench run already logged; the
