@@ -29,6 +29,29 @@ def test_plan_only_needs_no_data(tmp_path, capsys):
     assert "peak LR auto" in capsys.readouterr().out  # not the placeholder 1 the plan is drawn with
 
 
+def test_plan_only_checks_each_recipe_against_its_model_as_plan_does(tmp_path, capsys, monkeypatch):
+    """A parameter group the model has none of is refused by ``compare --plan-only`` as by ``plan``: the
+    same line naming the file and the field, exit 2, nothing drawn; a model it cannot build without timm
+    is said to be unchecked, on its recipe's line."""
+    from cadence import models
+
+    good = write_recipe(tmp_path, TINY)
+    bad = str(tmp_path / "bad.yaml")  # TINY's resnet has no whitening stem
+    write_recipe(tmp_path, {**TINY, "name": "bad", "optimizer": {**TINY["optimizer"],
+                                                                 "groups": {"whiten_bias": {"epochs": 1}}}}, "bad.yaml")
+    plot = tmp_path / "out" / "plans.png"
+    assert cli.main(["plan", bad]) == 2
+    plan_says = capsys.readouterr().err.strip()
+    assert cli.main(["compare", "--plan-only", good, bad, "--plot", str(plot)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == plan_says and len(err.splitlines()) == 1 and "optimizer.groups.whiten_bias" in err, err
+    assert bad in err and not plot.parent.exists()
+    monkeypatch.setattr(models, "timm_missing", lambda model, optimizer: True)
+    assert cli.main(["compare", "--plan-only", good, bad, "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("(model and parameter groups not checked: it needs timm)") == 1 and "bad: 12 steps, " in out
+
+
 def _finished_run(folder, raw: dict, seed: int, evals: list[tuple[int, float, float]]) -> str:
     """A run directory as training leaves it, written by hand: the recipe, a placeholder checkpoint
     (compare must not open it) and ``metrics.jsonl`` whose evaluations are ``evals`` as (step,

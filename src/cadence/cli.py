@@ -275,7 +275,8 @@ def cmd_compare(args) -> int:
         if runs or not recipes:
             raise FieldError("--plan-only", args.items, "compares recipes' plans: give recipe files")
         plot = args.plot or os.path.join(out, "plans.png")
-        print("\n".join(compare.plan_overlay(recipes, plot, args.sets)) + f"\nwrote {plot}")
+        print("\n".join(compare.plan_overlay(recipes, plot, args.sets, check_model=plan_checks_model))
+              + f"\nwrote {plot}")
         return 0
     if recipes:
         try:

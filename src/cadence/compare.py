@@ -158,8 +158,12 @@ def compare_runs(runs: list[str], out: str, thresholds: tuple[float, ...] = (),
     return result
 
 
-def plan_overlay(recipe_files: list[str], plot: str, sets: list[str] = ()) -> list[str]:
-    """Draw the plans of several recipes in one figure (no data, no training); returns a line per recipe."""
+def plan_overlay(recipe_files: list[str], plot: str, sets: list[str] = (),
+                 check_model: Callable[..., bool] | None = None) -> list[str]:
+    """Draw the plans of several recipes in one figure (no data, no training); returns a line per recipe.
+    ``check_model(recipe)``, as ``cadence plan`` runs it, refuses what the model cannot apply (a
+    ``FieldError``) and returns whether it could not check (a timm model without timm); every recipe is
+    checked before anything is drawn."""
     from cadence import report
 
     timelines, lines = {}, []
@@ -167,10 +171,12 @@ def plan_overlay(recipe_files: list[str], plot: str, sets: list[str] = ()) -> li
         r = load_recipe(p, list(sets))
         try:
             t = timelines[r.name] = r.timeline()
+            unchecked = check_model is not None and check_model(r)
         except FieldError as e:
             raise e.within(file=p) from None
         peak = "auto (the range test picks it; plotted as 1)" if r.optimizer.lr == "auto" else f"{max(t.lr):.4g}"
-        lines.append(f"{r.name}: {len(t):,} steps, {t.samples_seen[-1]:,} images, peak LR {peak}")
+        lines.append(f"{r.name}: {len(t):,} steps, {t.samples_seen[-1]:,} images, peak LR {peak}"
+                     + (" (model and parameter groups not checked: it needs timm)" if unchecked else ""))
     os.makedirs(os.path.dirname(os.path.abspath(plot)), exist_ok=True)
     report.plot_plans_overlay(timelines, plot)
     return lines
