@@ -240,21 +240,26 @@ def spread(xs: list[float], fmt: str) -> str:
 def table(results: list[dict], precision: str) -> str:
     """The results file as a markdown table: airbench over every seed it ran, then each cadence recipe
     (``name``) over its seeds, with its difference in top-1 and its CPU ratio against airbench's runs
-    of the same seeds (means of the per-seed figures); an ablation (``NAME@BASE``) also against BASE's
-    runs of the seeds both ran."""
+    of the same seeds (means of the per-seed figures) and the seeds whose ratio was measured side by
+    side (the pair run at once, whole: ``side_by_side``; other ratios are across runs, and a machine's
+    speed drifts between sessions); an ablation (``NAME@BASE``) also against BASE's runs of the seeds
+    both ran."""
     results = [r for r in results if precision_of(r) == precision]
     airbench = {}
     for r in results:
         airbench.setdefault(r["seed"], r["airbench"])
     by_name: dict[str, dict[int, dict]] = {}
+    paired: dict[str, list[int]] = {}
     for r in results:
         by_name.setdefault(r.get("name", "cadence"), {})[r["seed"]] = r["cadence"]
+        if r.get("side_by_side"):
+            paired.setdefault(r.get("name", "cadence"), []).append(r["seed"])
     rows = ["| contender | seeds | held-out top-1 (%) | training CPU s | top-1 - airbench's (points) | CPU / airbench's "
-            "| top-1 - its base's (points) | CPU / its base's |", "|---|---|---|---|---|---|---|---|"]
+            "| seeds side by side | top-1 - its base's (points) | CPU / its base's |", "|---|---|---|---|---|---|---|---|---|"]
     seeds = sorted(airbench)
     rows.append(f"| airbench94, ported | {', '.join(map(str, seeds))} | "
                 f"{spread([100 * airbench[s]['acc'] for s in seeds], '{:.2f}')} | "
-                f"{spread([airbench[s]['cpu'] for s in seeds], '{:,.0f}')} | | | | |")
+                f"{spread([airbench[s]['cpu'] for s in seeds], '{:,.0f}')} | | | | | |")
     for name, runs in by_name.items():
         mine = sorted(runs)
         first = next(r for r in results if r.get("name", "cadence") == name)
@@ -265,7 +270,8 @@ def table(results: list[dict], precision: str) -> str:
                f"{spread([100 * runs[s]['acc'] for s in mine], '{:.2f}')} | "
                f"{spread([runs[s]['cpu'] for s in mine], '{:,.0f}')} | "
                f"{spread([100 * (runs[s]['acc'] - airbench[s]['acc']) for s in mine], '{:+.2f}')} | "
-               f"{spread([runs[s]['cpu'] / airbench[s]['cpu'] for s in mine], '{:.2f}')}x |")
+               f"{spread([runs[s]['cpu'] / airbench[s]['cpu'] for s in mine], '{:.2f}')}x | "
+               f"{', '.join(map(str, sorted(paired.get(name, [])))) or 'none'} |")
         base = by_name.get(name.partition("@")[2], {})
         both = [s for s in mine if s in base]
         if both:
@@ -412,7 +418,7 @@ def main() -> None:
         partial = a.collect or continued  # this process saw only the run's last part
         r = {"name": a.name, "recipe": a.recipe, "sets": a.sets, "seed": seed,
              "wall": None if partial else time.time() - started,
-             "precision": a.precision, "curve": a.curve,
+             "precision": a.precision, "curve": a.curve, "side_by_side": not (a.cadence_only or partial),
              "airbench": airbench_of(out, saved, seed, a.precision), "cadence": cadence_result(run_dir)}
         for name in ("airbench", "cadence"):
             known = whole[name] is not None and not (name == "cadence" and partial)

@@ -423,7 +423,7 @@ def test_the_side_by_side_table_reads_the_seeds_with_curves_for_cpu_to_reach_the
         c = {"acc": curve[-1][1], "cpu": curve[-1][0], "curve": curve}
         a["to_reach_other"], c["to_reach_other"] = vs.reach(airbench, c["acc"]), vs.reach(curve, a["acc"])
         results.append({"name": "fast", "recipe": "recipes/x.yaml", "seed": seed, "curve": True, "airbench": a,
-                        "cadence": c})
+                        "cadence": c, "side_by_side": seed == 1})
     # seed 0: cadence passed airbench's 90.80% at its second epoch, airbench never reached its 90.90%;
     # seed 1: cadence's 90.75% never reached airbench's, which airbench passed in its last epoch
     assert [(r["cadence"]["to_reach_other"], r["airbench"]["to_reach_other"]) for r in results] == [
@@ -431,6 +431,7 @@ def test_the_side_by_side_table_reads_the_seeds_with_curves_for_cpu_to_reach_the
     results.append({**results[0], "name": "alone", "curve": True,  # --cadence-only: airbench's final point
                     "airbench": {**results[0]["airbench"], "curve": [[1800.0, 0.9080]]}})
     rows = vs.table(results, "fp32").splitlines()
+    assert rows[3].startswith("| fast (recipes/x.yaml) | 0, 1 | ") and rows[3].endswith(" | 1 | | |")  # seed 1 ran at once
     at = rows.index("") + 3
     assert rows[at:] == ["| fast | 0, 1 | 1,000; not reached in 1 of 2 | 1,800; not reached in 1 of 2 |"]
 
@@ -500,6 +501,7 @@ def test_the_side_by_side_script_collects_a_named_recipe_against_the_same_airben
                          capture_output=True, text=True, check=True).stdout
     tiny_run = json.loads((tmp_path / "results.json").read_text())[-1]
     assert tiny_run["name"] == "tiny" and tiny_run["airbench"]["acc"] == 0.9084 and tiny_run["cadence"]["process_cpu"] > 0
+    assert tiny_run["side_by_side"] is False  # trained alone, against a run of another time
     assert f"cadence  top-1 {100 * tiny_run['cadence']['acc']:.2f}%" in out
     none = subprocess.run([sys.executable, script, "--cadence-only", "--data", str(tmp_path), "--seeds", "1", "--out",
                            str(tmp_path)], capture_output=True, text=True)
@@ -522,9 +524,11 @@ def test_the_side_by_side_script_collects_a_named_recipe_against_the_same_airben
     kept.write_text(json.dumps(saved + [ablation]))
     rows = subprocess.run([sys.executable, script, "--table", "--results", str(kept)], capture_output=True, text=True,
                           check=True).stdout.splitlines()
-    assert rows[2] == "| airbench94, ported | 0 | 90.84 | 6,700 | | | | |"
-    assert rows[-2].startswith("| fast (") and rows[-2].endswith("| 0 | 90.90 | 5,000 | +0.06 | 0.75x | | |")
-    assert rows[-1].startswith("| no-x@fast (") and rows[-1].endswith("| 0 | 90.40 | 4,500 | -0.44 | 0.67x | -0.50 | 0.90x |")
+    assert rows[2] == "| airbench94, ported | 0 | 90.84 | 6,700 | | | | | |"
+    # read by --collect: not known to have run at once, so its CPU ratio is not one measured side by side
+    assert rows[-2].startswith("| fast (") and rows[-2].endswith("| 0 | 90.90 | 5,000 | +0.06 | 0.75x | none | | |")
+    assert rows[-1].startswith("| no-x@fast (") and rows[-1].endswith(
+        "| 0 | 90.40 | 4,500 | -0.44 | 0.67x | none | -0.50 | 0.90x |")
 
 
 @pytest.mark.slow  # trains a tiny recipe in a subprocess
