@@ -307,14 +307,19 @@ def reach_table(results: list[dict]) -> list[str]:
     return rows
 
 
+def launch_airbench(bench: str, out: str, seed: int, core: int, precision: str, curve: bool) -> subprocess.Popen:
+    """The ported airbench94 (in ``bench``) on ``core``, one seeded run, logging to OUT/airbench-seedN.log."""
+    return launch([sys.executable, "airbench94_cpu.py"], core, log_of(out, "airbench", seed),
+                  {"SEED": str(seed), "BF16": str(int(precision == "bf16")), "CURVE": str(int(curve))}, cwd=bench)
+
+
 def airbench_alone(bench: str, out: str, seed: int, core: int, precision: str, curve: bool) -> None:
     """``--airbench-only``: one seed of airbench on ``core``, its log left in OUT for ``--cadence-only``.
     airbench cannot continue a run, so a seed already logged there is refused rather than appended to."""
     log = log_of(out, "airbench", seed)
     if os.path.exists(log):
         sys.exit(f"vs_airbench: {log} exists: airbench's seed {seed} is logged already (remove it to run it again)")
-    proc = launch([sys.executable, "airbench94_cpu.py"], core, log,
-                  {"SEED": str(seed), "BF16": str(int(precision == "bf16")), "CURVE": str(int(curve))}, cwd=bench)
+    proc = launch_airbench(bench, out, seed, core, precision, curve)
     cpu = wait_all({"airbench": proc})["airbench"]
     if proc.returncode:
         sys.exit(f"vs_airbench: airbench (seed {seed}) exited {proc.returncode}: see {log}")
@@ -399,9 +404,7 @@ def main() -> None:
         else:
             procs = {"cadence": launch(cadence_cmd, cores[1], log_of(out, a.name, seed), {})}
             if not a.cadence_only:
-                procs["airbench"] = launch([sys.executable, "airbench94_cpu.py"], cores[0], log_of(out, "airbench", seed),
-                                           {"SEED": str(seed), "BF16": str(int(a.precision == "bf16")),
-                                            "CURVE": str(int(a.curve))}, cwd=bench)
+                procs["airbench"] = launch_airbench(bench, out, seed, cores[0], a.precision, a.curve)
             whole = {"airbench": None, **wait_all(procs)}
             airbench_done = a.cadence_only or procs["airbench"].returncode == 0
             if procs["cadence"].returncode in PAUSED and airbench_done:
