@@ -434,6 +434,13 @@ def test_the_side_by_side_table_reads_the_seeds_with_curves_for_cpu_to_reach_the
     assert rows[3].startswith("| fast (recipes/x.yaml) | 0, 1 | ") and rows[3].endswith(" | 1 | | |")  # seed 1 ran at once
     at = rows.index("") + 3
     assert rows[at:] == ["| fast | 0, 1 | 1,000; not reached in 1 of 2 | 1,800; not reached in 1 of 2 |"]
+    # --curve 1: airbench evaluated from its second epoch on; a reach at that first evaluation is an
+    # upper bound (it may have been there an epoch earlier), one later is not
+    late = {**results[1]["airbench"], "curve": airbench[1:], "curve_from": 1}
+    assert vs.at_most(late, 0.9050) and not vs.at_most(late, 0.9075) and not vs.at_most(results[1]["airbench"], 0.8)
+    late["to_reach_at_most"] = vs.at_most(late, 0.9050)
+    rows = vs.table([{**results[1], "airbench": {**late, "to_reach_other": 1200.0}}], "fp32").splitlines()
+    assert rows[-1] == "| fast | 1 | not reached in 1 of 1 | <= 1,200; at its first evaluation in 1 of 1 |"
 
 
 def test_the_side_by_side_script_runs_airbench_alone_for_a_later_cadence_half(tmp_path, capsys):
@@ -450,16 +457,16 @@ def test_the_side_by_side_script_runs_airbench_alone_for_a_later_cadence_half(tm
     lines = [{"epoch": 0, "cpu": 600.0, "acc": 0.80}, {"epoch": 1, "cpu": 1200.0, "acc": 0.905}, {"final": 0.9080},
              {"total_cpu": 1900.0, "tta_cpu": 100.0}]
     (bench / "airbench94_cpu.py").write_text(  # a stand-in: airbench's JSON lines, seeded by the environment
-        "import json, os\nassert os.environ['SEED'] == '3' and os.environ['CURVE'] == '1'\n"
+        "import json, os\nassert os.environ['SEED'] == '3' and os.environ['CURVE_FROM'] == '0'\n"
         + "".join(f"print({mark + json.dumps(x)!r})\n" for x in lines))
     core = min(os.sched_getaffinity(0))
-    vs.airbench_alone(str(bench), str(tmp_path), 3, core, "fp32", True)
+    vs.airbench_alone(str(bench), str(tmp_path), 3, core, "fp32", 0)
     assert "top-1 90.80%  training CPU 1800 s" in capsys.readouterr().out
     logged = vs.airbench_of(str(tmp_path), str(tmp_path / "results.json"), 3, "fp32")
     assert logged["curve"] == [(600.0, 0.80), (1200.0, 0.905), (1800.0, 0.9080)]
     assert vs.reach(logged["curve"], 0.9050) == 1200.0  # what --cadence-only --curve records for airbench
     with pytest.raises(SystemExit, match="airbench-seed3.log exists"):
-        vs.airbench_alone(str(bench), str(tmp_path), 3, core, "fp32", True)
+        vs.airbench_alone(str(bench), str(tmp_path), 3, core, "fp32", 0)
 
 
 @pytest.mark.slow  # trains a tiny recipe in a subprocess
