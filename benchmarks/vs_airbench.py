@@ -14,7 +14,7 @@ each checked to apply exactly once (written to ``OUT/airbench/airbench94_cpu.py`
   airbench's own TTA instead of none, as cadence's evaluations do, so both contenders' accuracy over
   CPU time is measured alike (the "to reach the other's accuracy" column). Each epoch prints one JSON
   line. Evaluations cost: six views of 10,000 images are about a third of a training epoch here
-  (~280 s of a ~760 s epoch on a slow day: ten of them made airbench's half ~3.1 h, longer than a
+  (~300 s of a ~755 s epoch on a slow day: ten of them made airbench's half ~3.1 h, longer than a
   session), so ``--curve FROM`` evaluates airbench from epoch FROM on only (cadence, whose half is
   the shorter, after every epoch). A contender reaches the other's accuracy at its first evaluation
   at or above it; on a curve that starts late, a reach at its first evaluation is an upper bound
