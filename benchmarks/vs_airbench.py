@@ -7,8 +7,10 @@ each checked to apply exactly once (written to ``OUT/airbench/airbench94_cpu.py`
 
 - the data: ``cifar10/train.pt`` and ``test.pt`` in airbench's own cache format are written from the
   JPEG folder (training images shuffled once, so the whitening's first 5,000 are not the first classes);
-- CUDA -> CPU: ``map_location`` and ``net.half().cuda()``; fp16 -> fp32 (``--precision bf16``: the
-  run under bf16 autocast instead); the CUDA event timers -> process CPU time (``time.process_time``);
+- CUDA -> CPU: ``map_location`` and ``net.half().cuda()``; fp16 -> fp32 (``--precision bf16``: each
+  training step's forward and loss, and the evaluation, under bf16 autocast instead, entered anew each
+  time: autocast keeps its bf16 copies of the weights until the outermost context is left, so one
+  context around the whole run trains nothing); the CUDA event timers -> process CPU time;
 - one run with ``torch.manual_seed(seed)`` instead of 25 unseeded ones;
 - the per-epoch evaluation (untimed in airbench, as in cadence) is dropped; with ``--curve`` it uses
   airbench's own TTA instead of none, as cadence's evaluations do, so both contenders' accuracy over
@@ -95,10 +97,18 @@ EDITS = [
      " if os.environ['CURVE_FROM'] != 'none' and epoch >= int(os.environ['CURVE_FROM']) else None\n"
      "        print(%r + __import__('json').dumps({'epoch': epoch, 'cpu': total_time_seconds, 'acc': val_acc}),"
      " flush=True)" % MARK),
+    ("bf16 autocast (--precision bf16) around each step's forward and loss, entered and left every step as "
+     "torch's AMP examples have it (one context around all of main would keep its cache of bf16 weights "
+     "for the whole run: the forward would see the initial weights throughout and the run not learn)",
+     "            outputs = model(inputs)\n            loss = loss_fn(outputs, labels).sum()",
+     "            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=os.environ.get('BF16') == '1'):\n"
+     "                outputs = model(inputs)\n                loss = loss_fn(outputs, labels).sum()"),
+    ("the evaluation under the same autocast", "    logits = infer(model, loader, tta_level)",
+     "    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=os.environ.get('BF16') == '1'):\n"
+     "        logits = infer(model, loader, tta_level)"),
     ("one seeded run", "accs = torch.tensor([main(run) for run in range(25)])",
      "torch.manual_seed(int(os.environ['SEED']))\n"
-     "    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=os.environ.get('BF16') == '1'):\n"
-     "        accs = torch.tensor([main(0)])\n"
+     "    accs = torch.tensor([main(0)])\n"
      "    print(%r + __import__('json').dumps({'final': accs[0].item()}), flush=True)" % MARK),
 ]
 FINAL_TIME = ("the final time", "print_training_details(locals(), is_final_entry=True)",
