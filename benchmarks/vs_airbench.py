@@ -83,6 +83,7 @@ class _CpuTimer:  # stands in for torch.cuda.Event(enable_timing=True): process 
 
 '''
 
+AUTOCAST = "with torch.autocast('cpu', dtype=torch.bfloat16, enabled=os.environ.get('BF16') == '1'):"  # --precision
 # (what the port does, text in airbench94.py, its replacement): each must match exactly once
 EDITS = [
     ("load the data on the CPU", "data = torch.load(data_path, map_location=torch.device(gpu))",
@@ -101,11 +102,9 @@ EDITS = [
      "torch's AMP examples have it (one context around all of main would keep its cache of bf16 weights "
      "for the whole run: the forward would see the initial weights throughout and the run not learn)",
      "            outputs = model(inputs)\n            loss = loss_fn(outputs, labels).sum()",
-     "            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=os.environ.get('BF16') == '1'):\n"
-     "                outputs = model(inputs)\n                loss = loss_fn(outputs, labels).sum()"),
+     "            " + AUTOCAST + "\n                outputs = model(inputs)\n                loss = loss_fn(outputs, labels).sum()"),
     ("the evaluation under the same autocast", "    logits = infer(model, loader, tta_level)",
-     "    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=os.environ.get('BF16') == '1'):\n"
-     "        logits = infer(model, loader, tta_level)"),
+     "    " + AUTOCAST + "\n        logits = infer(model, loader, tta_level)"),
     ("one seeded run", "accs = torch.tensor([main(run) for run in range(25)])",
      "torch.manual_seed(int(os.environ['SEED']))\n"
      "    accs = torch.tensor([main(0)])\n"
